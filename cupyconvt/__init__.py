@@ -1,0 +1,13 @@
+"""cupyconvt: fast, exact 3D transposed convolution for CuPy, NumPy and PyTorch arrays.
+
+>>> import cupyconvt
+>>> y = cupyconvt.conv_transpose3d(x, w, bias, stride=2, padding=1)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from ._api import conv_transpose3d
+from ._params import ConvParams, output_shape
+
+__version__ = "0.1.0"
+__all__ = ["conv_transpose3d", "output_shape", "ConvParams", "__version__"]

@@ -1,0 +1,150 @@
+"""The public entry point: validate once, then hand the problem to the backend for the array type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _cpu
+from ._dtypes import CPU_DTYPES, GPU_DTYPES, check_dtype
+from ._params import ConvParams, IntOrTriple
+
+
+def array_kind(a: object) -> str:
+    """``'numpy'``, ``'cupy'`` or ``'torch'``; never imports CuPy or torch to find out."""
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    module = type(a).__module__
+    if module.startswith("cupy") and hasattr(a, "__cuda_array_interface__"):
+        return "cupy"
+    if module.startswith("torch") and hasattr(a, "__dlpack__"):
+        return "torch"
+    return "other"
+
+
+def _check_arrays(x: Any, w: Any, bias: Any, out: Any) -> str:
+    kind = array_kind(x)
+    if kind not in ("numpy", "cupy"):
+        raise TypeError(
+            f"x must be a NumPy array, a CuPy array or a torch.Tensor, got {type(x).__name__}"
+        )
+    named = [("w", w)] + ([("bias", bias)] if bias is not None else [])
+    named += [("out", out)] if out is not None else []
+    for name, a in named:
+        k = array_kind(a)
+        if k != kind:
+            raise TypeError(
+                f"x is a {kind} array but {name} is {'a ' + k + ' array' if k != 'other' else type(a).__name__}: "
+                "pass x, w and bias as arrays of one library (mixing NumPy and CuPy is not supported)"
+            )
+    supported = CPU_DTYPES if kind == "numpy" else GPU_DTYPES
+    dtype = check_dtype("x", x.dtype, supported)
+    for name, a in named:
+        other = check_dtype(name, a.dtype, supported)
+        if other != dtype:
+            raise TypeError(
+                f"{name} has dtype {other} but x has dtype {dtype}: x, w, bias (and out) must "
+                "share one dtype"
+            )
+    if kind == "cupy":
+        for name, a in named:
+            if a.device.id != x.device.id:
+                raise ValueError(
+                    f"{name} is on GPU {a.device.id} but x is on GPU {x.device.id}: "
+                    "all arrays must be on one device"
+                )
+    return kind
+
+
+def conv_transpose3d(
+    x: Any,
+    w: Any,
+    bias: Any | None = None,
+    stride: IntOrTriple = 1,
+    padding: IntOrTriple = 0,
+    output_padding: IntOrTriple = 0,
+    groups: int = 1,
+    dilation: IntOrTriple = 1,
+    *,
+    out: Any | None = None,
+) -> Any:
+    """3D transposed convolution ("deconvolution") with PyTorch's exact semantics.
+
+    Computes ``torch.nn.functional.conv_transpose3d(x, w, bias, stride, padding, output_padding,
+    groups, dilation)`` on CuPy arrays (GPU), NumPy arrays (CPU backend) or torch tensors
+    (zero-copy through DLPack, on torch's current stream; the result is a torch tensor on the
+    input's device).
+
+    Parameters
+    ----------
+    x : array, shape ``(N, C_in, D, H, W)`` or unbatched ``(C_in, D, H, W)``
+        Input. float16, bfloat16, float32 or float64.
+    w : array, shape ``(C_in, C_out // groups, kD, kH, kW)``
+        Weight, in PyTorch's ``ConvTranspose3d`` layout, same dtype and device as ``x``.
+    bias : array, shape ``(C_out,)``, optional
+        Added to every output voxel of its channel.
+    stride, padding, output_padding, dilation : int or triple of int
+        As in PyTorch: ``stride >= 1``, ``dilation >= 1``, ``padding >= 0`` and
+        ``0 <= output_padding < max(stride, dilation)`` per axis (depth, height, width).
+    groups : int
+        Number of channel groups; must divide ``C_in``. ``groups == C_in`` is depthwise.
+    out : array, optional
+        A C-contiguous array of the result's shape and dtype to write into (NumPy/CuPy only).
+
+    Returns
+    -------
+    array
+        ``(N, C_out, D_out, H_out, W_out)`` (unbatched if ``x`` was), dtype of ``x``, where
+        ``D_out = (D - 1)*stride - 2*padding + dilation*(kD - 1) + output_padding + 1``.
+
+    Raises
+    ------
+    TypeError
+        Unsupported array type or dtype, mixed array libraries, mismatched dtypes.
+    ValueError
+        Shapes or arguments that break PyTorch's rules; the message names the argument.
+
+    Notes
+    -----
+    float16 and bfloat16 accumulate in float32 and round once; float32 uses IEEE float32
+    arithmetic (no TF32). Every output element is written exactly once, with no atomics, so GPU
+    results are bitwise reproducible run to run.
+
+    Examples
+    --------
+    >>> import numpy as np, cupyconvt
+    >>> x = np.random.rand(1, 4, 8, 8, 8).astype(np.float32)
+    >>> w = np.random.rand(4, 2, 3, 3, 3).astype(np.float32)
+    >>> cupyconvt.conv_transpose3d(x, w, stride=2, padding=1, output_padding=1).shape
+    (1, 2, 16, 16, 16)
+    """
+    if array_kind(x) == "torch":
+        if out is not None:
+            raise TypeError("out= is not supported for torch tensors")
+        from . import _interop
+
+        return _interop.conv_transpose3d_torch(
+            x, w, bias, stride, padding, output_padding, groups, dilation
+        )
+    kind = _check_arrays(x, w, bias, out)
+    p = ConvParams.from_args(
+        x.shape,
+        w.shape,
+        None if bias is None else bias.shape,
+        stride,
+        padding,
+        output_padding,
+        groups,
+        dilation,
+    )
+    if out is not None:
+        if tuple(out.shape) != p.out_shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {p.out_shape}")
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+    if kind == "numpy":
+        return _cpu.conv_transpose3d(x, w, bias, p, out)
+    from . import _gpu
+
+    return _gpu.conv_transpose3d(x, w, bias, p, out)

@@ -1,0 +1,97 @@
+"""torch.Tensor in, torch.Tensor out, zero-copy through DLPack.
+
+CUDA tensors run on the GPU backend on torch's current stream of the tensor's device: CuPy is
+pointed at that stream for the call, so DLPack's stream hand-over inserts no synchronization, and
+the output is allocated by torch's caching allocator and written in place. CPU tensors run on the
+CPU backend through NumPy views. torch is never imported here: a tensor was handed to us, so
+``sys.modules['torch']`` exists.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from ._params import ConvParams, IntOrTriple
+
+_TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _torch_dtype_name(t: Any) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _check(x: Any, w: Any, bias: Any) -> None:
+    torch = sys.modules["torch"]
+    for name, t in (("w", w), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"x is a torch.Tensor but {name} is {type(t).__name__}: pass torch tensors")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must be on one device")
+    for name, t in (("x", x), ("w", w), ("bias", bias)):
+        if t is None:
+            continue
+        d = _torch_dtype_name(t)
+        if d not in _TORCH_DTYPES:
+            raise TypeError(f"{name} has unsupported dtype {d}; supported: {', '.join(_TORCH_DTYPES)}")
+        if d != _torch_dtype_name(x):
+            raise TypeError(f"{name} has dtype {d} but x has dtype {_torch_dtype_name(x)}: x, w and bias must share one dtype")
+    if x.device.type not in ("cuda", "cpu"):
+        raise TypeError(f"tensors on {x.device.type} are not supported (cuda or cpu only)")
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    """A NumPy view of a CPU tensor (bfloat16 through ml_dtypes)."""
+    torch = sys.modules["torch"]
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return np.from_dlpack(t.view(torch.int16)).view(ml_dtypes.bfloat16)
+    return np.from_dlpack(t)
+
+
+def conv_transpose3d_torch(
+    x: Any,
+    w: Any,
+    bias: Any,
+    stride: IntOrTriple,
+    padding: IntOrTriple,
+    output_padding: IntOrTriple,
+    groups: int,
+    dilation: IntOrTriple,
+) -> Any:
+    torch = sys.modules["torch"]
+    _check(x, w, bias)
+    p = ConvParams.from_args(
+        x.shape, w.shape, None if bias is None else bias.shape,
+        stride, padding, output_padding, groups, dilation,
+    )  # fmt: skip
+    result = torch.empty(p.out_shape, dtype=x.dtype, device=x.device)
+    if result.numel() == 0:
+        return result
+    if x.device.type == "cpu":
+        from . import _cpu
+
+        _cpu.conv_transpose3d(
+            _to_numpy(x), _to_numpy(w), None if bias is None else _to_numpy(bias), p,
+            out=_to_numpy(result),
+        )  # fmt: skip
+        return result
+
+    import cupy
+
+    from . import _gpu
+
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index)
+    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
+        xc = cupy.from_dlpack(x.detach())
+        wc = cupy.from_dlpack(w.detach())
+        bc = None if bias is None else cupy.from_dlpack(bias.detach())
+        _gpu.conv_transpose3d(xc, wc, bc, p, out=cupy.from_dlpack(result))
+    return result

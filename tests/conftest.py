@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _required(what: str) -> bool:
+    """CI sets CUPYCONVT_REQUIRE_<WHAT>=1 so that a missing dependency fails instead of skipping."""
+    return os.environ.get(f"CUPYCONVT_REQUIRE_{what.upper()}") == "1"
+
+
+def need(module: str, what: str):
+    """Import ``module`` or skip (fail when CI requires ``what``)."""
+    try:
+        return pytest.importorskip(module)
+    except pytest.skip.Exception:
+        if _required(what):
+            pytest.fail(f"{module} is required here (CUPYCONVT_REQUIRE_{what.upper()}=1)")
+        raise
+
+
+@pytest.fixture
+def rng(request):
+    """Fresh random data per test, reproducible from the test's name."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)
+
+
+def gpu_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU with CuPy on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,161 @@
+"""GPU backend: every dtype and parameter family against a float64 reference, output poisoned.
+
+Skipped (by conftest) where no CUDA GPU with CuPy is present.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cases import CASES, Case
+from oracle import TOL, conv_transpose3d_oracle, rel_err
+
+import cupyconvt
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = ["float64", "float32", "float16", "bfloat16"]
+
+
+def _np_dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _poisoned(shape, dtype):
+    import cupy
+
+    return cupy.full(shape, np.nan, dtype=dtype)
+
+
+def _check_gpu(case: Case, dtype: str, rng, reference=conv_transpose3d_oracle):
+    import cupy
+
+    dt = _np_dtype(dtype)
+    x, w, b = case.arrays(rng, dt)
+    out = _poisoned(cupyconvt.output_shape(x.shape, w.shape, **case.kwargs), dt)
+    xd, wd = cupy.asarray(x), cupy.asarray(w)
+    bd = None if b is None else cupy.asarray(b)
+    res = cupyconvt.conv_transpose3d(xd, wd, bd, **case.kwargs, out=out)
+    assert res is out
+    got = cupy.asnumpy(out)
+    ref = reference(x, w, b, **case.kwargs)
+    err = rel_err(got, ref)
+    assert err <= TOL[dtype], f"{case} {dtype}: rel err {err}"
+    # Deterministic: a second run into a fresh poisoned buffer is bitwise identical.
+    again = cupyconvt.conv_transpose3d(xd, wd, bd, **case.kwargs,
+                                       out=_poisoned(out.shape, dt))  # fmt: skip
+    assert cupy.asnumpy(again).tobytes() == got.tobytes()
+    return got
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_matches_oracle(case, dtype, rng):
+    _check_gpu(case, dtype, rng)
+
+
+def _cpu_reference(x, w, b, **kw):
+    """The CPU backend in float64 (itself checked against the oracle) for shapes too big for it."""
+    f64 = np.float64
+    return cupyconvt.conv_transpose3d(x.astype(f64), w.astype(f64),
+                                      None if b is None else b.astype(f64), **kw)  # fmt: skip
+
+
+MEDIUM = [
+    Case("m_dense", 2, 16, 24, (9, 10, 11), (3, 3, 3), bias=True),
+    Case("m_strided", 2, 24, 16, (7, 8, 9), (3, 3, 3), dict(stride=2, padding=1, output_padding=1)),
+    Case("m_k4s2", 1, 32, 16, (6, 6, 6), (4, 4, 4), dict(stride=2, padding=1), bias=True),
+    Case("m_grouped", 2, 16, 16, (6, 7, 8), (3, 5, 3), dict(stride=2, padding=(1, 2, 1), groups=4)),
+    Case("m_depthwise", 1, 8, 8, (12, 12, 12), (4, 4, 4), dict(stride=2, padding=1, groups=8)),
+    Case("m_dilated", 2, 12, 20, (6, 7, 6), (3, 3, 3), dict(stride=2, padding=1, dilation=2)),
+    Case("m_asym", 2, 20, 12, (5, 9, 13), (3, 5, 7), dict(stride=(1, 2, 3), padding=(1, 2, 3),
+                                                          output_padding=(0, 1, 2))),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MEDIUM, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_medium_shapes(case, dtype, rng):
+    _check_gpu(case, dtype, rng, reference=_cpu_reference)
+
+
+def test_gpu_non_contiguous_inputs(rng):
+    import cupy
+
+    x = cupy.asarray(rng.standard_normal((2, 8, 6, 7, 9)))[:, ::2, :, ::-1].transpose(0, 1, 2, 4, 3)
+    w = cupy.asarray(rng.standard_normal((4, 3, 3, 2, 3))).transpose(0, 1, 4, 3, 2)
+    assert not x.flags.c_contiguous and not w.flags.c_contiguous
+    got = cupyconvt.conv_transpose3d(x, w, stride=2, padding=1)
+    ref = conv_transpose3d_oracle(cupy.asnumpy(x), cupy.asnumpy(w), stride=2, padding=1)
+    assert rel_err(cupy.asnumpy(got), ref) <= TOL["float64"]
+
+
+def test_gpu_errors():
+    import cupy
+
+    x = cupy.ones((1, 2, 3, 3, 3), cupy.float32)
+    w = np.ones((2, 2, 2, 2, 2), np.float32)
+    with pytest.raises(TypeError, match="x is a cupy array but w is a numpy array"):
+        cupyconvt.conv_transpose3d(x, w)
+    with pytest.raises(TypeError, match="x is a numpy array but w is a cupy array"):
+        cupyconvt.conv_transpose3d(cupy.asnumpy(x), cupy.asarray(w))
+    with pytest.raises(TypeError, match="x has unsupported dtype int32"):
+        cupyconvt.conv_transpose3d(x.astype(cupy.int32), cupy.asarray(w).astype(cupy.int32))
+    empty = cupyconvt.conv_transpose3d(x[:0], cupy.asarray(w))
+    assert isinstance(empty, cupy.ndarray) and empty.shape == (0, 2, 4, 4, 4)
+
+
+def test_gpu_second_device(rng):
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("one GPU only")
+    case = MEDIUM[1]
+    x, w, b = case.arrays(rng, np.float32)
+    with cupy.cuda.Device(1):
+        xd, wd = cupy.asarray(x), cupy.asarray(w)
+    got = cupyconvt.conv_transpose3d(xd, wd, **case.kwargs)
+    assert got.device.id == 1
+    assert rel_err(cupy.asnumpy(got), _cpu_reference(x, w, None, **case.kwargs)) <= TOL["float32"]
+    with pytest.raises(ValueError, match="w is on GPU 0 but x is on GPU 1"):
+        cupyconvt.conv_transpose3d(xd, cupy.asarray(w), **case.kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_cuda_on_side_stream(dtype, rng):
+    torch = pytest.importorskip("torch")
+    import cupy
+
+    case = MEDIUM[2]
+    tdt = getattr(torch, dtype)
+    x, w, b = (torch.from_numpy(a).to(device="cuda", dtype=tdt) for a in case.arrays(rng))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # Input is read without a copy: CuPy sees torch's memory.
+        assert cupy.from_dlpack(x).data.ptr == x.data_ptr()
+        got = cupyconvt.conv_transpose3d(x, w, b, **case.kwargs)
+    assert isinstance(got, torch.Tensor) and got.is_cuda and got.dtype == tdt
+    side.synchronize()
+    ref = torch.nn.functional.conv_transpose3d(x.double(), w.double(), b.double(), **case.kwargs)
+    assert rel_err(got.double().cpu().numpy(), ref.cpu().numpy()) <= TOL[dtype]
+
+
+def test_torch_cuda_stream_order():
+    """Work queued on torch's stream before the call is seen by it: no missing sync."""
+    torch = pytest.importorskip("torch")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        x = torch.empty(1, 64, 32, 32, 32, device="cuda")
+        w = torch.empty(64, 32, 3, 3, 3, device="cuda")
+        torch.cuda._sleep(50_000_000)  # keep the stream busy so a race would show
+        x.normal_()
+        w.normal_()
+        got = cupyconvt.conv_transpose3d(x, w, stride=2)
+        ref = torch.nn.functional.conv_transpose3d(x.double(), w.double(), stride=2)
+    s.synchronize()
+    assert rel_err(got.double().cpu().numpy(), ref.cpu().numpy()) <= TOL["float32"]

@@ -1,0 +1,111 @@
+"""Argument handling: normalization, output-size math, and one test per bad-input rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cases import CASES, ERROR_INPUTS
+
+import cupyconvt
+from cupyconvt._params import ConvParams, as_triple
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, b_shape, kwargs, exc, msg", ERROR_INPUTS, ids=[str(e[5]) for e in ERROR_INPUTS]
+)
+def test_error_inputs(x_shape, w_shape, b_shape, kwargs, exc, msg):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = None if b_shape is None else rng.standard_normal(b_shape).astype(np.float32)
+    if exc is None:
+        out = cupyconvt.conv_transpose3d(x, w, b, **kwargs)
+        assert out.shape == cupyconvt.output_shape(x_shape, w_shape, **kwargs)
+        return
+    with pytest.raises(exc, match=msg):
+        cupyconvt.conv_transpose3d(x, w, b, **kwargs)
+    with pytest.raises(exc, match=msg):
+        ConvParams.from_args(x_shape, w_shape, b_shape, **kwargs)
+
+
+def test_as_triple():
+    assert as_triple("s", 2) == (2, 2, 2)
+    assert as_triple("s", (1, 2, 3)) == (1, 2, 3)
+    assert as_triple("s", [np.int64(1), 2, np.int32(3)]) == (1, 2, 3)
+    assert as_triple("s", np.array([3, 2, 1])) == (3, 2, 1)
+    assert as_triple("s", np.int16(4)) == (4, 4, 4)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_output_shape_matches_formula(case):
+    kw = case.kwargs
+    s, p, op, d = (as_triple(n, kw.get(n, dflt)) for n, dflt in
+                   (("stride", 1), ("padding", 0), ("output_padding", 0), ("dilation", 1)))  # fmt: skip
+    expect = tuple((case.size[a] - 1) * s[a] - 2 * p[a] + d[a] * (case.k[a] - 1) + op[a] + 1
+                   for a in range(3))  # fmt: skip
+    shape = cupyconvt.output_shape(case.x_shape, case.w_shape, **kw)
+    assert shape[-3:] == expect
+    assert shape[-4] == case.C_out
+    assert len(shape) == len(case.x_shape)
+
+
+def test_useful_macs_counts_taps_inside_output():
+    # stride 1, no padding: every tap lands inside, so useful MACs are the dense count.
+    p = ConvParams.from_args((2, 3, 4, 5, 6), (3, 4, 3, 3, 3))
+    assert p.useful_macs == 2 * 4 * 3 * (4 * 5 * 6) * 27
+    # Brute-force count on a cropped, strided, dilated problem.
+    p = ConvParams.from_args((1, 2, 5, 4, 3), (2, 1, 3, 2, 3), None, (2, 3, 1), (3, 1, 2), (1, 0, 0),
+                             1, (1, 2, 2))  # fmt: skip
+    count = 1
+    for a in range(3):
+        c = 0
+        for i in range(p.in_size[a]):
+            for k in range(p.kernel[a]):
+                o = i * p.stride[a] - p.padding[a] + k * p.dilation[a]
+                c += 0 <= o < p.out_size[a]
+        count *= c
+    assert p.useful_macs == count * p.N * p.C_out * p.C_in_g
+
+
+def test_zero_batch_returns_empty():
+    x = np.ones((0, 3, 4, 4, 4), np.float32)
+    w = np.ones((3, 2, 3, 3, 3), np.float32)
+    out = cupyconvt.conv_transpose3d(x, w, stride=2)
+    assert out.shape == (0, 2, 9, 9, 9) and out.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.complex64, np.uint8])
+def test_unsupported_dtype(dtype):
+    x = np.ones((1, 2, 3, 3, 3), dtype)
+    w = np.ones((2, 2, 2, 2, 2), dtype)
+    with pytest.raises(TypeError, match=r"x has unsupported dtype .*; supported: float16"):
+        cupyconvt.conv_transpose3d(x, w)
+
+
+def test_dtype_mismatch():
+    x = np.ones((1, 2, 3, 3, 3), np.float32)
+    w = np.ones((2, 2, 2, 2, 2), np.float64)
+    with pytest.raises(TypeError, match=r"w has dtype float64 but x has dtype float32"):
+        cupyconvt.conv_transpose3d(x, w)
+    b = np.ones(2, np.float16)
+    with pytest.raises(TypeError, match=r"bias has dtype float16 but x has dtype float32"):
+        cupyconvt.conv_transpose3d(x, w.astype(np.float32), b)
+
+
+def test_not_an_array():
+    w = np.ones((2, 2, 2, 2, 2), np.float32)
+    with pytest.raises(TypeError, match=r"x must be a NumPy array, a CuPy array or a torch.Tensor"):
+        cupyconvt.conv_transpose3d([[1.0]], w)
+    with pytest.raises(TypeError, match=r"x is a numpy array but w is list"):
+        cupyconvt.conv_transpose3d(np.ones((1, 2, 3, 3, 3), np.float32), [1.0])
+
+
+def test_out_argument_checked():
+    x = np.ones((1, 2, 3, 3, 3), np.float32)
+    w = np.ones((2, 2, 2, 2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"out has shape \(1, 2, 3, 3, 3\), expected \(1, 2, 4, 4, 4\)"):
+        cupyconvt.conv_transpose3d(x, w, out=np.empty((1, 2, 3, 3, 3), np.float32))
+    with pytest.raises(TypeError, match=r"out has dtype float64 but x has dtype float32"):
+        cupyconvt.conv_transpose3d(x, w, out=np.empty((1, 2, 4, 4, 4), np.float64))
+    with pytest.raises(ValueError, match=r"out must be C-contiguous"):
+        cupyconvt.conv_transpose3d(x, w, out=np.empty((1, 2, 4, 4, 8), np.float32)[..., ::2])

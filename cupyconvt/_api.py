@@ -1,7 +1,8 @@
-"""The public entry point: validate once, then hand the problem to the backend for the array type."""
+"""The public entry point: validate once, then hand the problem to the backend for its arrays."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,10 @@ def _check_arrays(x: Any, w: Any, bias: Any, out: Any) -> str:
     for name, a in named:
         k = array_kind(a)
         if k != kind:
+            what = f"a {k} array" if k != "other" else type(a).__name__
             raise TypeError(
-                f"x is a {kind} array but {name} is {'a ' + k + ' array' if k != 'other' else type(a).__name__}: "
-                "pass x, w and bias as arrays of one library (mixing NumPy and CuPy is not supported)"
+                f"x is a {kind} array but {name} is {what}: pass x, w and bias as arrays of one "
+                "library (mixing NumPy and CuPy is not supported)"
             )
     supported = CPU_DTYPES if kind == "numpy" else GPU_DTYPES
     dtype = check_dtype("x", x.dtype, supported)
@@ -55,6 +57,31 @@ def _check_arrays(x: Any, w: Any, bias: Any, out: Any) -> str:
                     "all arrays must be on one device"
                 )
     return kind
+
+
+def _frozen(v: object) -> object:
+    """A hashable stand-in for an int-or-triple argument (lists become tuples)."""
+    return tuple(v) if isinstance(v, list) else v
+
+
+@lru_cache(maxsize=4096)
+def _params_cached(types: tuple[type, ...], *args: object) -> ConvParams:
+    # ``types`` keeps True apart from 1 and 1.0 (equal and equally hashed, but invalid).
+    return ConvParams.from_args(*args)  # type: ignore[arg-type]
+
+
+def params_for(x_shape, w_shape, bias_shape, stride, padding, output_padding, groups, dilation):
+    """``ConvParams.from_args`` memoized on its arguments: a repeated call costs one dict lookup.
+
+    Invalid arguments are never cached (the exception propagates), so every call is validated.
+    """
+    key = (tuple(x_shape), tuple(w_shape), None if bias_shape is None else tuple(bias_shape),
+           *map(_frozen, (stride, padding, output_padding, groups, dilation)))  # fmt: skip
+    try:
+        hash(key)
+    except TypeError:  # e.g. a NumPy array as stride: validate without the cache
+        return ConvParams.from_args(*key)  # type: ignore[arg-type]
+    return _params_cached(tuple(map(type, key[3:])), *key)
 
 
 def conv_transpose3d(
@@ -128,7 +155,7 @@ def conv_transpose3d(
             x, w, bias, stride, padding, output_padding, groups, dilation
         )
     kind = _check_arrays(x, w, bias, out)
-    p = ConvParams.from_args(
+    p = params_for(
         x.shape,
         w.shape,
         None if bias is None else bias.shape,

@@ -19,9 +19,7 @@ def check_dtype(arg: str, dtype: object, supported: tuple[str, ...]) -> str:
     """Return the dtype's name, or raise ``TypeError`` naming the argument and what is allowed."""
     name = dtype_name(dtype)
     if name not in supported:
-        raise TypeError(
-            f"{arg} has unsupported dtype {name}; supported: {', '.join(supported)}"
-        )
+        raise TypeError(f"{arg} has unsupported dtype {name}; supported: {', '.join(supported)}")
     return name
 
 

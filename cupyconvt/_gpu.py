@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ def geometry(p: ConvParams) -> np.ndarray:
     return geom
 
 
-@lru_cache(maxsize=None)
+@cache
 def device_info(device_id: int) -> DeviceInfo:
     import cupy
 
@@ -46,8 +46,13 @@ def device_info(device_id: int) -> DeviceInfo:
     )
 
 
-def conv_transpose3d(x: Any, w: Any, bias: Any, p: ConvParams, out: Any = None) -> Any:
-    """Compute ``conv_transpose3d`` for validated CuPy inputs on ``x``'s device."""
+def conv_transpose3d(
+    x: Any, w: Any, bias: Any, p: ConvParams, out: Any = None, family: str | None = None
+) -> Any:
+    """Compute ``conv_transpose3d`` for validated CuPy inputs on ``x``'s device.
+
+    ``family`` forces a kernel family (see ``cupyconvt._select``); by default the selector picks.
+    """
     import cupy
 
     with x.device:
@@ -59,6 +64,6 @@ def conv_transpose3d(x: Any, w: Any, bias: Any, p: ConvParams, out: Any = None) 
             out = cupy.empty(p.out_shape, dtype=x.dtype)
         if out.size == 0:
             return out
-        plan = select(p, dtype_name(x.dtype), device_info(x.device.id))
-        plan.launch((x, w, bias, out, geometry(p)))
+        plan = select(p, dtype_name(x.dtype), device_info(x.device.id), family)
+        plan.launch(x, w, bias, out)
     return out

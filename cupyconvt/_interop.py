@@ -29,17 +29,26 @@ def _check(x: Any, w: Any, bias: Any) -> None:
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"x is a torch.Tensor but {name} is {type(t).__name__}: pass torch tensors")
+            raise TypeError(
+                f"x is a torch.Tensor but {name} is {type(t).__name__}: pass torch tensors"
+            )
         if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all must be on one device")
+            raise ValueError(
+                f"{name} is on {t.device} but x is on {x.device}: all must be on one device"
+            )
     for name, t in (("x", x), ("w", w), ("bias", bias)):
         if t is None:
             continue
         d = _torch_dtype_name(t)
         if d not in _TORCH_DTYPES:
-            raise TypeError(f"{name} has unsupported dtype {d}; supported: {', '.join(_TORCH_DTYPES)}")
+            raise TypeError(
+                f"{name} has unsupported dtype {d}; supported: {', '.join(_TORCH_DTYPES)}"
+            )
         if d != _torch_dtype_name(x):
-            raise TypeError(f"{name} has dtype {d} but x has dtype {_torch_dtype_name(x)}: x, w and bias must share one dtype")
+            raise TypeError(
+                f"{name} has dtype {d} but x has dtype {_torch_dtype_name(x)}: "
+                "x, w and bias must share one dtype"
+            )
     if x.device.type not in ("cuda", "cpu"):
         raise TypeError(f"tensors on {x.device.type} are not supported (cuda or cpu only)")
 
@@ -53,6 +62,24 @@ def _to_numpy(t: Any) -> np.ndarray:
 
         return np.from_dlpack(t.view(torch.int16)).view(ml_dtypes.bfloat16)
     return np.from_dlpack(t)
+
+
+class _StreamHandle:
+    """A CUDA stream handle in the CUDA stream protocol (what Stream.from_external takes)."""
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+def _cupy_stream(cupy: Any, ptr: int, device: int) -> Any:
+    """A CuPy view of torch's stream: Stream.from_external on CuPy >= 14, else ExternalStream."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(ptr))
+    return cupy.cuda.ExternalStream(ptr, device)
 
 
 def conv_transpose3d_torch(
@@ -88,8 +115,8 @@ def conv_transpose3d_torch(
     from . import _gpu
 
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(index)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
+    stream = _cupy_stream(cupy, torch.cuda.current_stream(index).cuda_stream, index)
+    with cupy.cuda.Device(index), stream:
         xc = cupy.from_dlpack(x.detach())
         wc = cupy.from_dlpack(w.detach())
         bc = None if bias is None else cupy.from_dlpack(bias.detach())

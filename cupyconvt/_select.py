@@ -1,4 +1,4 @@
-"""The one place that decides which kernel, with which launch configuration, runs a problem.
+"""The one place that decides which kernel family, with which tile, runs a problem.
 
 Every kernel the runtime can launch is listed by :func:`all_modules`; the NVRTC compile test
 builds exactly that list, so a kernel that CI has not compiled cannot be selected.
@@ -8,28 +8,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
-from ._compile import KernelModule, get_function
+from ._compile import KernelModule
 from ._params import ConvParams
-
-#: C++ storage type of each supported dtype (kernels/common.cuh).
-CPP_TYPE = {
-    "float16": "cct::half_t",
-    "bfloat16": "cct::bf16_t",
-    "float32": "float",
-    "float64": "double",
-}
-
-DIRECT = KernelModule(
-    "direct.cu",
-    tuple(f"conv_transpose3d_direct<{t}>" for t in CPP_TYPE.values()),
+from ._plans import (
+    CPP_TYPE,
+    DirectPlan,
+    GroupedPlan,
+    IgemmPlan,
+    direct_module,
+    grouped_module,
+    igemm_module,
 )
+
+Plan = DirectPlan | GroupedPlan | IgemmPlan
+FAMILIES = ("igemm", "grouped", "direct")
+
+#: A GEMM pays once both of its small dimensions fill a tile reasonably: below these channel
+#: counts per group the table-driven gather (grouped.cu) moves the same bytes with less overhead.
+IGEMM_MIN_C_IN_G = 8
+IGEMM_MIN_C_OUT_G = 16
 
 
 def all_modules() -> list[KernelModule]:
     """Every kernel module the runtime may compile (what the CI compile test builds)."""
-    return [DIRECT]
+    return [f(d) for d in CPP_TYPE for f in (direct_module, grouped_module, igemm_module)]
 
 
 @dataclass(frozen=True)
@@ -43,39 +46,31 @@ class DeviceInfo:
     max_shared_per_block_optin: int
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A chosen kernel and its launch configuration for one problem on one device."""
-
-    module: KernelModule
-    name: str
-    grid: tuple[int, int, int]
-    block: tuple[int, int, int]
-    shared_mem: int = 0
-
-    def launch(self, args: tuple[Any, ...]) -> None:
-        """Launch on the current CuPy stream and device."""
-        fn = get_function(self.module, self.name)
-        fn(self.grid, self.block, args, shared_mem=self.shared_mem)
-
-
-#: Direct kernel: threads per block, and resident blocks per SM that the grid-stride loop fills.
-_DIRECT_THREADS = 256
-_DIRECT_BLOCKS_PER_SM = 8
-
-
-def _direct_plan(p: ConvParams, dtype: str, dev: DeviceInfo) -> Plan:
-    total = p.N * p.C_out * p.out_size[0] * p.out_size[1] * p.out_size[2]
-    blocks = min(-(-total // _DIRECT_THREADS), dev.sm_count * _DIRECT_BLOCKS_PER_SM)
-    return Plan(
-        module=DIRECT,
-        name=f"conv_transpose3d_direct<{CPP_TYPE[dtype]}>",
-        grid=(max(blocks, 1), 1, 1),
-        block=(_DIRECT_THREADS, 1, 1),
-    )
+def eligible(p: ConvParams, dtype: str, family: str) -> bool:
+    """Whether ``family`` can run ``p`` at all (any problem runs on ``direct``)."""
+    if family == "igemm":
+        return IgemmPlan.eligible(p, dtype)
+    if family == "grouped":
+        return GroupedPlan.eligible(p, dtype)
+    if family == "direct":
+        return True
+    raise ValueError(f"unknown kernel family {family!r}; known: {', '.join(FAMILIES)}")
 
 
 @lru_cache(maxsize=1024)
-def select(p: ConvParams, dtype: str, dev: DeviceInfo) -> Plan:
-    """Choose the kernel and launch configuration for ``p`` in ``dtype`` on ``dev``."""
-    return _direct_plan(p, dtype, dev)
+def select(p: ConvParams, dtype: str, dev: DeviceInfo, family: str | None = None) -> Plan:
+    """Choose the kernel and launch configuration for ``p`` in ``dtype`` on ``dev``.
+
+    ``family`` forces a kernel family (tests and benchmarks); it must be eligible.
+    """
+    if family is None:
+        wide = p.C_in_g >= IGEMM_MIN_C_IN_G and p.C_out_g >= IGEMM_MIN_C_OUT_G
+        order = ("igemm", "grouped") if wide else ("grouped", "igemm")
+        family = next((f for f in order if eligible(p, dtype, f)), "direct")
+    elif not eligible(p, dtype, family):
+        raise ValueError(f"kernel family {family!r} cannot run this problem")
+    if family == "igemm":
+        return IgemmPlan.build(p, dtype, dev.sm_count)
+    if family == "grouped":
+        return GroupedPlan.build(p, dtype)
+    return DirectPlan.build(p, dtype, dev.sm_count)

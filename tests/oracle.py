@@ -18,8 +18,9 @@ def _triple(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
 
 
-def conv_transpose3d_oracle(x, w, bias=None, stride=1, padding=0, output_padding=0, groups=1,
-                            dilation=1):
+def conv_transpose3d_oracle(
+    x, w, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1
+):
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
     unbatched = x.ndim == 4

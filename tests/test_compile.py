@@ -15,7 +15,6 @@ def _nvrtc():
     return need("cuda.bindings.nvrtc", "nvrtc")
 
 
-
 def _log(nvrtc, prog) -> str:
     err, size = nvrtc.nvrtcGetProgramLogSize(prog)
     buf = b" " * size
@@ -53,13 +52,14 @@ def test_every_selectable_kernel_is_listed():
     from cases import CASES
 
     from cupyconvt._params import ConvParams
-    from cupyconvt._select import CPP_TYPE, DeviceInfo, select
+    from cupyconvt._select import CPP_TYPE, FAMILIES, DeviceInfo, eligible, select
 
     listed = {(m, n) for m in all_modules() for n in m.name_expressions}
-    for cc in (80, 90):
-        dev = DeviceInfo(0, "test", cc, 132, 227 * 1024)
-        for case in CASES:
-            p = ConvParams.from_args(case.x_shape, case.w_shape, None, **case.kwargs)
-            for dtype in CPP_TYPE:
-                plan = select(p, dtype, dev)
-                assert (plan.module, plan.name) in listed
+    dev = DeviceInfo(0, "test", 90, 132, 227 * 1024)
+    for case in CASES:
+        p = ConvParams.from_args(case.x_shape, case.w_shape, None, **case.kwargs)
+        for dtype in CPP_TYPE:
+            for family in (None, *FAMILIES):
+                if family is None or eligible(p, dtype, family):
+                    for kernel in select(p, dtype, dev, family).kernels():
+                        assert kernel in listed

@@ -11,6 +11,9 @@ from cases import CASES, Case
 from oracle import TOL, conv_transpose3d_oracle, rel_err
 
 import cupyconvt
+from cupyconvt import _gpu
+from cupyconvt._params import ConvParams
+from cupyconvt._select import FAMILIES, eligible
 
 pytestmark = pytest.mark.gpu
 
@@ -31,31 +34,43 @@ def _poisoned(shape, dtype):
     return cupy.full(shape, np.nan, dtype=dtype)
 
 
-def _check_gpu(case: Case, dtype: str, rng, reference=conv_transpose3d_oracle):
+def _run(xd, wd, bd, case: Case, out, family):
+    if family is None:
+        return cupyconvt.conv_transpose3d(xd, wd, bd, **case.kwargs, out=out)
+    p = ConvParams.from_args(xd.shape, wd.shape, None if bd is None else bd.shape, **case.kwargs)
+    return _gpu.conv_transpose3d(xd, wd, bd, p, out, family=family)
+
+
+def _check_gpu(case: Case, dtype: str, rng, reference=conv_transpose3d_oracle, family=None):
+    """Run on fresh random data into a NaN-poisoned output; compare with the float64 reference."""
     import cupy
 
     dt = _np_dtype(dtype)
     x, w, b = case.arrays(rng, dt)
-    out = _poisoned(cupyconvt.output_shape(x.shape, w.shape, **case.kwargs), dt)
+    p = ConvParams.from_args(x.shape, w.shape, None if b is None else b.shape, **case.kwargs)
+    if family is not None and not eligible(p, dtype, family):
+        pytest.skip(f"{family} is not eligible for {case}")
+    out = _poisoned(p.out_shape, dt)
     xd, wd = cupy.asarray(x), cupy.asarray(w)
     bd = None if b is None else cupy.asarray(b)
-    res = cupyconvt.conv_transpose3d(xd, wd, bd, **case.kwargs, out=out)
+    res = _run(xd, wd, bd, case, out, family)
     assert res is out
     got = cupy.asnumpy(out)
     ref = reference(x, w, b, **case.kwargs)
     err = rel_err(got, ref)
-    assert err <= TOL[dtype], f"{case} {dtype}: rel err {err}"
+    assert err <= TOL[dtype], f"{case} {dtype} {family}: rel err {err}"
     # Deterministic: a second run into a fresh poisoned buffer is bitwise identical.
-    again = cupyconvt.conv_transpose3d(xd, wd, bd, **case.kwargs,
-                                       out=_poisoned(out.shape, dt))  # fmt: skip
+    again = _run(xd, wd, bd, case, _poisoned(out.shape, dt), family)
     assert cupy.asnumpy(again).tobytes() == got.tobytes()
     return got
 
 
+@pytest.mark.parametrize("family", [None, *FAMILIES])
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_matches_oracle(case, dtype, rng):
-    _check_gpu(case, dtype, rng)
+def test_gpu_matches_oracle(case, dtype, family, rng):
+    """Every family (None: the selector's choice) on every parameter family and dtype."""
+    _check_gpu(case, dtype, rng, family=family)
 
 
 def _cpu_reference(x, w, b, **kw):
@@ -72,15 +87,20 @@ MEDIUM = [
     Case("m_grouped", 2, 16, 16, (6, 7, 8), (3, 5, 3), dict(stride=2, padding=(1, 2, 1), groups=4)),
     Case("m_depthwise", 1, 8, 8, (12, 12, 12), (4, 4, 4), dict(stride=2, padding=1, groups=8)),
     Case("m_dilated", 2, 12, 20, (6, 7, 6), (3, 3, 3), dict(stride=2, padding=1, dilation=2)),
+    Case("m_c64_ci_pad", 1, 12, 64, (5, 6, 7), (3, 3, 3), dict(stride=2), bias=True),
+    Case("m_c48", 1, 20, 48, (5, 5, 6), (3, 3, 3), dict(dilation=(1, 2, 1), padding=1)),
+    Case("m_c32_groups", 1, 16, 64, (4, 5, 6), (2, 3, 2), dict(groups=2, stride=(2, 1, 2))),
+    Case("m_c80", 2, 8, 80, (4, 4, 5), (3, 3, 3), dict(stride=2, padding=1, output_padding=1)),
     Case("m_asym", 2, 20, 12, (5, 9, 13), (3, 5, 7), dict(stride=(1, 2, 3), padding=(1, 2, 3),
                                                           output_padding=(0, 1, 2))),
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("family", [None, *FAMILIES])
 @pytest.mark.parametrize("case", MEDIUM, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_medium_shapes(case, dtype, rng):
-    _check_gpu(case, dtype, rng, reference=_cpu_reference)
+def test_gpu_medium_shapes(case, dtype, family, rng):
+    _check_gpu(case, dtype, rng, reference=_cpu_reference, family=family)
 
 
 def test_gpu_non_contiguous_inputs(rng):

@@ -33,8 +33,9 @@ def test_torch_cpu_tensors(case, dtype, rng):
         **case.kwargs,
     )  # fmt: skip
     assert rel_err(got.double().numpy(), ref) <= TOL[dtype]
-    expect = torch.nn.functional.conv_transpose3d(x.double(), w.double(),
-                                                  None if b is None else b.double(), **case.kwargs)
+    expect = torch.nn.functional.conv_transpose3d(
+        x.double(), w.double(), None if b is None else b.double(), **case.kwargs
+    )
     assert got.shape == expect.shape
 
 

@@ -11,7 +11,9 @@ from cupyconvt._params import ConvParams, as_triple
 
 
 @pytest.mark.parametrize(
-    "x_shape, w_shape, b_shape, kwargs, exc, msg", ERROR_INPUTS, ids=[str(e[5]) for e in ERROR_INPUTS]
+    "x_shape, w_shape, b_shape, kwargs, exc, msg",
+    ERROR_INPUTS,
+    ids=[str(e[5]) for e in ERROR_INPUTS],
 )
 def test_error_inputs(x_shape, w_shape, b_shape, kwargs, exc, msg):
     rng = np.random.default_rng(0)
@@ -39,8 +41,8 @@ def test_as_triple():
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_output_shape_matches_formula(case):
     kw = case.kwargs
-    s, p, op, d = (as_triple(n, kw.get(n, dflt)) for n, dflt in
-                   (("stride", 1), ("padding", 0), ("output_padding", 0), ("dilation", 1)))  # fmt: skip
+    defaults = (("stride", 1), ("padding", 0), ("output_padding", 0), ("dilation", 1))
+    s, p, op, d = (as_triple(n, kw.get(n, dflt)) for n, dflt in defaults)
     expect = tuple((case.size[a] - 1) * s[a] - 2 * p[a] + d[a] * (case.k[a] - 1) + op[a] + 1
                    for a in range(3))  # fmt: skip
     shape = cupyconvt.output_shape(case.x_shape, case.w_shape, **kw)
@@ -54,7 +56,8 @@ def test_useful_macs_counts_taps_inside_output():
     p = ConvParams.from_args((2, 3, 4, 5, 6), (3, 4, 3, 3, 3))
     assert p.useful_macs == 2 * 4 * 3 * (4 * 5 * 6) * 27
     # Brute-force count on a cropped, strided, dilated problem.
-    p = ConvParams.from_args((1, 2, 5, 4, 3), (2, 1, 3, 2, 3), None, (2, 3, 1), (3, 1, 2), (1, 0, 0),
+    p = ConvParams.from_args((1, 2, 5, 4, 3), (2, 1, 3, 2, 3), None,
+                             (2, 3, 1), (3, 1, 2), (1, 0, 0),
                              1, (1, 2, 2))  # fmt: skip
     count = 1
     for a in range(3):
@@ -103,9 +106,22 @@ def test_not_an_array():
 def test_out_argument_checked():
     x = np.ones((1, 2, 3, 3, 3), np.float32)
     w = np.ones((2, 2, 2, 2, 2), np.float32)
-    with pytest.raises(ValueError, match=r"out has shape \(1, 2, 3, 3, 3\), expected \(1, 2, 4, 4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"out has shape \(1, 2, 3, 3, 3\), expected \(1, 2, 4, 4, 4\)"
+    ):
         cupyconvt.conv_transpose3d(x, w, out=np.empty((1, 2, 3, 3, 3), np.float32))
     with pytest.raises(TypeError, match=r"out has dtype float64 but x has dtype float32"):
         cupyconvt.conv_transpose3d(x, w, out=np.empty((1, 2, 4, 4, 4), np.float64))
     with pytest.raises(ValueError, match=r"out must be C-contiguous"):
         cupyconvt.conv_transpose3d(x, w, out=np.empty((1, 2, 4, 4, 8), np.float32)[..., ::2])
+
+
+def test_params_cache_keeps_bool_and_float_apart():
+    x = np.ones((1, 3, 4, 4, 4), np.float32)
+    w = np.ones((3, 2, 3, 3, 3), np.float32)
+    cupyconvt.conv_transpose3d(x, w, padding=1, groups=1)  # cached with ints
+    with pytest.raises(TypeError, match="padding must be an int, got bool"):
+        cupyconvt.conv_transpose3d(x, w, padding=True)
+    with pytest.raises(TypeError, match="groups must be an int"):
+        cupyconvt.conv_transpose3d(x, w, padding=1, groups=1.0)
+    assert cupyconvt.conv_transpose3d(x, w, padding=[1, 1, 1]).shape == (1, 2, 4, 4, 4)

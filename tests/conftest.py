@@ -10,6 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+try:  # torch 2.11 failed to import on the H100 machine when first imported mid-session, after
+    # hypothesis and the test helpers; importing it first, where installed, avoids that.
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
 
 def _required(what: str) -> bool:
     """CI sets CUPYCONVT_REQUIRE_<WHAT>=1 so that a missing dependency fails instead of skipping."""

@@ -7,7 +7,16 @@
 from __future__ import annotations
 
 from ._api import conv_transpose3d
+from ._autotune import enabled as autotune_enabled
 from ._params import ConvParams, output_shape
+from ._select import set_autotune
 
 __version__ = "0.1.0"
-__all__ = ["conv_transpose3d", "output_shape", "ConvParams", "__version__"]
+__all__ = [
+    "conv_transpose3d",
+    "output_shape",
+    "ConvParams",
+    "set_autotune",
+    "autotune_enabled",
+    "__version__",
+]

@@ -32,28 +32,30 @@ def _check_arrays(x: Any, w: Any, bias: Any, out: Any) -> str:
         )
     named = [("w", w)] + ([("bias", bias)] if bias is not None else [])
     named += [("out", out)] if out is not None else []
-    for name, a in named:
-        k = array_kind(a)
-        if k != kind:
-            what = f"a {k} array" if k != "other" else type(a).__name__
-            raise TypeError(
-                f"x is a {kind} array but {name} is {what}: pass x, w and bias as arrays of one "
-                "library (mixing NumPy and CuPy is not supported)"
-            )
     supported = CPU_DTYPES if kind == "numpy" else GPU_DTYPES
     dtype = check_dtype("x", x.dtype, supported)
+    x_type = type(x)
     for name, a in named:
-        other = check_dtype(name, a.dtype, supported)
-        if other != dtype:
+        if type(a) is not x_type:  # the common case, one array type, costs one comparison
+            k = array_kind(a)
+            if k != kind:
+                what = f"a {k} array" if k != "other" else type(a).__name__
+                raise TypeError(
+                    f"x is a {kind} array but {name} is {what}: pass x, w and bias as arrays of "
+                    "one library (mixing NumPy and CuPy is not supported)"
+                )
+        if a.dtype != x.dtype:
+            other = check_dtype(name, a.dtype, supported)
             raise TypeError(
                 f"{name} has dtype {other} but x has dtype {dtype}: x, w, bias (and out) must "
                 "share one dtype"
             )
     if kind == "cupy":
+        x_dev = x.data.device_id
         for name, a in named:
-            if a.device.id != x.device.id:
+            if a.data.device_id != x_dev:
                 raise ValueError(
-                    f"{name} is on GPU {a.device.id} but x is on GPU {x.device.id}: "
+                    f"{name} is on GPU {a.data.device_id} but x is on GPU {x_dev}: "
                     "all arrays must be on one device"
                 )
     return kind

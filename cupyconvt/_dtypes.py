@@ -10,9 +10,23 @@ GPU_DTYPES = ("float16", "bfloat16", "float32", "float64")
 CPU_DTYPES = GPU_DTYPES
 
 
+_NAMES: dict[object, str] = {}
+
+
 def dtype_name(dtype: object) -> str:
-    """Canonical name of a NumPy/CuPy dtype (``'bfloat16'`` for ml_dtypes' bfloat16)."""
-    return np.dtype(dtype).name  # type: ignore[arg-type]
+    """Canonical name of a NumPy/CuPy dtype (``'bfloat16'`` for ml_dtypes' bfloat16).
+
+    Memoized: ``np.dtype(...).name`` costs several microseconds, and it is asked on every call.
+    """
+    try:
+        return _NAMES[dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype-like
+        name = np.dtype(dtype).name  # type: ignore[arg-type]
+    try:
+        _NAMES[dtype] = name
+    except TypeError:
+        pass
+    return name
 
 
 def check_dtype(arg: str, dtype: object, supported: tuple[str, ...]) -> str:

@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-from functools import cache, lru_cache
+from functools import cache
 from typing import Any
-
-import numpy as np
 
 from ._dtypes import dtype_name
 from ._params import ConvParams
 from ._select import DeviceInfo, select
-
-#: Host image of kernels/common.cuh's ``cct::ConvGeom`` (all int64, in field order).
-GEOM_FIELDS = (
-    "N C_in C_out groups C_in_g C_out_g D H W kD kH kW sD sH sW pD pH pW dD dH dW oD oH oW has_bias"
-).split()
-GEOM_DTYPE = np.dtype([(f, np.int64) for f in GEOM_FIELDS])
-
-
-@lru_cache(maxsize=1024)
-def geometry(p: ConvParams) -> np.ndarray:
-    """The kernel's ``ConvGeom`` argument: a one-element structured array passed by value."""
-    values = (
-        p.N, p.C_in, p.C_out, p.groups, p.C_in_g, p.C_out_g,
-        *p.in_size, *p.kernel, *p.stride, *p.padding, *p.dilation, *p.out_size,
-        int(p.has_bias),
-    )  # fmt: skip
-    geom = np.array([values], dtype=GEOM_DTYPE)
-    geom.flags.writeable = False
-    return geom
 
 
 @cache
@@ -55,15 +34,24 @@ def conv_transpose3d(
     """
     import cupy
 
-    with x.device:
+    device_id = x.data.device_id
+    if cupy.cuda.runtime.getDevice() != device_id:  # switch only when needed: it costs a few us
+        with cupy.cuda.Device(device_id):
+            return _run(cupy, x, w, bias, p, out, family, device_id)
+    return _run(cupy, x, w, bias, p, out, family, device_id)
+
+
+def _run(cupy: Any, x: Any, w: Any, bias: Any, p: ConvParams, out: Any, family, device_id) -> Any:
+    if not x.flags.c_contiguous:
         x = cupy.ascontiguousarray(x)
+    if not w.flags.c_contiguous:
         w = cupy.ascontiguousarray(w)
-        if bias is not None:
-            bias = cupy.ascontiguousarray(bias)
-        if out is None:
-            out = cupy.empty(p.out_shape, dtype=x.dtype)
-        if out.size == 0:
-            return out
-        plan = select(p, dtype_name(x.dtype), device_info(x.device.id), family)
-        plan.launch(x, w, bias, out)
+    if bias is not None and not bias.flags.c_contiguous:
+        bias = cupy.ascontiguousarray(bias)
+    if out is None:
+        out = cupy.empty(p.out_shape, dtype=x.dtype)
+    if out.size == 0:
+        return out
+    plan = select(p, dtype_name(x.dtype), device_info(device_id), family)
+    plan.launch(x, w, bias, out)
     return out

@@ -9,17 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from . import _autotune
 from ._compile import KernelModule
+from ._grouped import GroupedPlan, grouped_module
+from ._igemm import IgemmPlan, igemm_module
 from ._params import ConvParams
-from ._plans import (
-    CPP_TYPE,
-    DirectPlan,
-    GroupedPlan,
-    IgemmPlan,
-    direct_module,
-    grouped_module,
-    igemm_module,
-)
+from ._plans import CPP_TYPE, DirectPlan, direct_module
 
 Plan = DirectPlan | GroupedPlan | IgemmPlan
 FAMILIES = ("igemm", "grouped", "direct")
@@ -28,6 +23,8 @@ FAMILIES = ("igemm", "grouped", "direct")
 #: counts per group the table-driven gather (grouped.cu) moves the same bytes with less overhead.
 IGEMM_MIN_C_IN_G = 8
 IGEMM_MIN_C_OUT_G = 16
+#: The autotuner also times the direct kernel on problems this small (it is slow on big ones).
+DIRECT_TUNE_MAX_MACS = 10**8
 
 
 def all_modules() -> list[KernelModule]:
@@ -57,20 +54,93 @@ def eligible(p: ConvParams, dtype: str, family: str) -> bool:
     raise ValueError(f"unknown kernel family {family!r}; known: {', '.join(FAMILIES)}")
 
 
+def set_autotune(on: bool | None) -> None:
+    """Turn the autotuner on or off for this process (``None``: follow ``CUPYCONVT_AUTOTUNE``).
+
+    With it on, the first call for a problem times every eligible kernel family on scratch
+    inputs of the problem's size and caches the fastest on disk (``CUPYCONVT_CACHE_DIR``, else
+    ``~/.cache/cupyconvt``), keyed by device name, dtype and problem; later calls and processes
+    reuse it. Off by default: the heuristic needs no timing and no scratch memory.
+    """
+    _autotune.set_enabled(on)
+    select.cache_clear()
+
+
+def _problem(p: ConvParams) -> tuple:
+    """What an autotune entry is keyed by, besides the device and dtype."""
+    return (p.N, p.C_in, p.C_out, p.groups, p.in_size, p.kernel, p.stride, p.padding,
+            p.output_padding, p.dilation, p.has_bias)  # fmt: skip
+
+
+def _build(p: ConvParams, dtype: str, dev: DeviceInfo, family: str) -> Plan:
+    if family == "igemm":
+        return IgemmPlan.build(p, dtype, dev.sm_count)
+    if family == "grouped":
+        return GroupedPlan.build(p, dtype, dev.sm_count)
+    return DirectPlan.build(p, dtype, dev.sm_count)
+
+
+def _time_plan(plan: Plan, p: ConvParams, dtype: str, repeat: int = 5) -> float:
+    """Median milliseconds of ``plan`` on scratch inputs of the problem (random, never zeros)."""
+    import cupy
+    import numpy as np
+
+    from ._dtypes import dtype_name
+
+    rng = cupy.random.default_rng(0)
+
+    def rand(shape):
+        a = rng.standard_normal(shape, dtype=np.float32)
+        if dtype == "bfloat16":  # the top half of a float32 is a bfloat16
+            import ml_dtypes
+
+            return (a.view(np.uint32) >> 16).astype(np.uint16).view(ml_dtypes.bfloat16)
+        return a.astype(dtype)
+
+    x, w = rand(p.x_shape5), rand((p.C_in, p.C_out_g, *p.kernel))
+    b = rand((p.C_out,)) if p.has_bias else None
+    out = cupy.empty(p.out_shape5, dtype=x.dtype)
+    assert dtype_name(x.dtype) == dtype
+    plan.launch(x, w, b, out)  # compile and warm up
+    times = []
+    for _ in range(repeat):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        plan.launch(x, w, b, out)
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
+def _autotuned_family(p: ConvParams, dtype: str, dev: DeviceInfo, families: list[str]) -> str:
+    """The fastest of ``families``, timed once per (device, dtype, problem) and kept on disk."""
+    key = _autotune.problem_key(dev.name, dtype, _problem(p))
+    return _autotune.choose(
+        key, families, lambda fam: _time_plan(_build(p, dtype, dev, fam), p, dtype)
+    )
+
+
 @lru_cache(maxsize=1024)
 def select(p: ConvParams, dtype: str, dev: DeviceInfo, family: str | None = None) -> Plan:
     """Choose the kernel and launch configuration for ``p`` in ``dtype`` on ``dev``.
 
-    ``family`` forces a kernel family (tests and benchmarks); it must be eligible.
+    ``family`` forces a kernel family (tests and benchmarks); it must be eligible. With
+    autotuning on (``cupyconvt.set_autotune(True)`` or ``CUPYCONVT_AUTOTUNE=1``) the first
+    call for a problem times every eligible family and the winner is cached on disk.
     """
     if family is None:
         wide = p.C_in_g >= IGEMM_MIN_C_IN_G and p.C_out_g >= IGEMM_MIN_C_OUT_G
-        order = ("igemm", "grouped") if wide else ("grouped", "igemm")
-        family = next((f for f in order if eligible(p, dtype, f)), "direct")
+        order = ["igemm", "grouped"] if wide else ["grouped", "igemm"]
+        if p.useful_macs < DIRECT_TUNE_MAX_MACS:
+            order.append("direct")
+        candidates = [f for f in order if eligible(p, dtype, f)]
+        if not candidates:
+            family = "direct"
+        elif len(candidates) > 1 and _autotune.enabled():
+            family = _autotuned_family(p, dtype, dev, candidates)
+        else:
+            family = candidates[0]
     elif not eligible(p, dtype, family):
         raise ValueError(f"kernel family {family!r} cannot run this problem")
-    if family == "igemm":
-        return IgemmPlan.build(p, dtype, dev.sm_count)
-    if family == "grouped":
-        return GroupedPlan.build(p, dtype)
-    return DirectPlan.build(p, dtype, dev.sm_count)
+    return _build(p, dtype, dev, family)

@@ -46,8 +46,47 @@ template <> __device__ __forceinline__ bf16_t from_acc<bf16_t>(float v) {
     return h;
 }
 
-// The problem, as cupyconvt._params.ConvParams describes it; every field is int64 so the host
-// side is a flat NumPy record (cupyconvt/_gpu.py: GEOM_FIELDS) with no padding to agree on.
+// IEEE float32 fused multiply-add and add, denormals kept. CuPy compiles every RawModule with
+// -ftz=true, which would flush float32 denormal inputs and results to zero; PTX without .ftz is
+// exact IEEE whatever the compiler flags say. double never flushes.
+__device__ __forceinline__ float fma_ieee(float a, float b, float c) {
+    float d;
+    asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(d) : "f"(a), "f"(b), "f"(c));
+    return d;
+}
+__device__ __forceinline__ double fma_ieee(double a, double b, double c) { return fma(a, b, c); }
+__device__ __forceinline__ float add_ieee(float a, float b) {
+    float d;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+    return d;
+}
+__device__ __forceinline__ double add_ieee(double a, double b) { return a + b; }
+
+// Asynchronous 4- or 8-byte global-to-shared copy (sm_80+), zero-filling the destination when
+// `valid` is false (then nothing is read from `src`). Falls back to a plain load and store on
+// older GPUs. Complete with cp_async_wait_all() and a barrier before reading the destination.
+template <typename T>
+__device__ __forceinline__ void cp_async_or_zero(T* dst, const T* src, bool valid) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "cp.async copies 4, 8 or 16 bytes");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    u32 saddr;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(saddr) : "l"(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(saddr), "l"(src),
+                 "n"(static_cast<int>(sizeof(T))), "r"(valid ? static_cast<int>(sizeof(T)) : 0));
+#else
+    *dst = valid ? *src : T(0);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
+// The problem, as cupyconvt._params.ConvParams describes it. Every field is int64, so the host
+// side is a flat int64 array (cupyconvt/_plans.py: GEOM_FIELDS) with no padding to agree on; it
+// lives on the device and kernels take it by pointer and copy it once into registers.
 struct ConvGeom {
     i64 N, C_in, C_out, groups, C_in_g, C_out_g;
     i64 D, H, W;        // input spatial size

@@ -12,8 +12,9 @@
 template <typename T>
 __global__ void conv_transpose3d_direct(const T* __restrict__ x, const T* __restrict__ w,
                                         const T* __restrict__ bias, T* __restrict__ out,
-                                        const cct::ConvGeom g) {
+                                        const cct::ConvGeom* __restrict__ geom) {
     typedef typename cct::Acc<T>::type Acc;
+    const cct::ConvGeom g = *geom;
     const i64 in_vol = g.D * g.H * g.W;
     const i64 taps = g.kD * g.kH * g.kW;
     const i64 w_ci_stride = g.C_out_g * taps;  // w[ci + 1] - w[ci]
@@ -51,7 +52,8 @@ __global__ void conv_transpose3d_direct(const T* __restrict__ x, const T* __rest
                     const T* xp = x_base + (id * g.H + ih) * g.W + iw;
                     const T* wp = w_base + (kd * g.kH + kh) * g.kW + kw;
                     for (i64 ci = 0; ci < g.C_in_g; ++ci) {
-                        acc += cct::to_acc(xp[ci * in_vol]) * cct::to_acc(wp[ci * w_ci_stride]);
+                        acc = cct::fma_ieee(cct::to_acc(xp[ci * in_vol]),
+                                            cct::to_acc(wp[ci * w_ci_stride]), acc);
                     }
                 }
             }

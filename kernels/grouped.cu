@@ -1,147 +1,266 @@
-// Phase-major gather transposed 3D convolution for few channels per group (grouped, depthwise,
-// narrow layers): the memory-bound path.
+// Tiled gather transposed 3D convolution for few channels per group (grouped, depthwise, narrow
+// layers): the memory-bound path.
 //
-// It uses the stride-phase decomposition of igemm.cu (same host table): for the output voxels of
-// phase (rd, rh, rw), with phase-grid index q, only that phase's taps contribute and they read
-// x at q + off_t, so
+// It uses the stride-phase decomposition (cupyconvt/_plans.py: phase_axes). Along each axis the
+// output splits into cells of `stride` voxels, cell q holding o = q*s + o0_r for each residue r;
+// tap k of residue r reads input i = q + off_k. So for the phase (rd, rh, rw):
 //
 //   out[n, g*C_out_g + co, o0 + q*s] = bias[co]
 //       + sum_{tap t of the phase, ci < C_in_g} x[n, g*C_in_g + ci, q + off_t] * w[g*C_in_g + ci, co, t]
 //
-// with no division, modulo or table walk per voxel.
-//
-// Work split: blockIdx.z = the (rd, rh) phase pair, blockIdx.y walks (n, group, chunk of COT
-// output channels), and a block covers VQ * blockDim.x voxels (qd, qh, qw) of the phase grid, VQ
-// per thread, blockDim.x apart (so a warp's loads and stores stay contiguous). A thread computes
-// its voxels for every w-phase rw, so a warp writes sW interleaved runs that fill whole output
-// rows; each x value it loads serves COT output channels, and its VQ voxels give VQ independent
-// loads in flight. The block's taps and weights sit in shared memory, loaded once for VQ voxels.
-// Every output element is written once (no atomics).
+// Work split: a block (blockIdx.y + blockIdx.z * gridDim.y) owns one (n, group, COT output channels) plane and a tile of TQD x TQH x TQW
+// cells (TQW = blockDim.x lanes along w, TQH = blockDim.y rows along h, TQD = VQ cells along d,
+// VQ per thread). It stages the input the tile reads (all C_in_g channels, cells plus the taps'
+// halo) and the group's weights in shared memory once, then each thread walks every phase of its
+// VQ cells: neighbouring lanes read neighbouring shared words and write neighbouring outputs of one
+// phase, and every thread of the block is on the same phase and tap at once, so weights are read
+// as broadcasts. Global memory sees each input tile and each output element once.
+// Every output element is written once (no atomics): results are deterministic.
 #include "common.cuh"
 
 namespace cct {
-constexpr int GROUPED_PHASE_HDR = 8;  // same layout as igemm.cu's PHASE_HDR
-constexpr int GROUPED_VQ = 4;         // voxels per thread (cupyconvt/_plans.py: GROUPED_VQ)
-}
 
-template <typename T, int COT>
-__global__ void grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
-                                         const T* __restrict__ bias, T* __restrict__ out,
-                                         const int* __restrict__ table, const cct::ConvGeom g,
-                                         const int max_taps) {
+// Plan header at the start of the table (cupyconvt/_grouped.py writes it):
+enum GroupedHdr {
+    GH_TD_IN, GH_TH_IN, GH_TW_IN,  // staged input tile extent (cells + halo) per channel
+    GH_MIN_D, GH_MIN_H, GH_MIN_W,  // smallest tap offset per axis: tile origin = q0 + min
+    GH_TILES_W, GH_TILES_H,        // tiles along w and h (blockIdx.x = (td*TILES_H + th)*TILES_W + tw)
+    GH_CO_CHUNKS,                  // COT-wide output-channel chunks per group
+    GH_ROW_LEN,                    // ints per phase row
+    GH_PHASES,                     // sD * sH * sW
+    GH_TAPS_ALL,                   // kD * kH * kW
+    GH_SIZE = 16
+};
+// Each phase row: o0_d, o0_h, o0_w, Q_D, Q_H, Q_W, taps, 0, then per tap (x_off, w_off): the
+// tap's offset into a channel of the staged tile and into the staged weights.
+constexpr int GROUPED_ROW_HDR = 8;
+// Global loads a thread issues before it stores them to shared memory (memory-level parallelism).
+constexpr int FILL = 4;
+
+// COT weights of one (tap, ci) from shared memory, as wide loads where the layout allows.
+template <typename A, int COT> struct WeightRow {
+    static __device__ __forceinline__ void load(const A* p, A* v) {
+#pragma unroll
+        for (int j = 0; j < COT; ++j) v[j] = p[j];
+    }
+};
+template <> struct WeightRow<float, 4> {
+    static __device__ __forceinline__ void load(const float* p, float* v) {
+        const float4 a = *reinterpret_cast<const float4*>(p);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    }
+};
+template <> struct WeightRow<float, 8> {
+    static __device__ __forceinline__ void load(const float* p, float* v) {
+        WeightRow<float, 4>::load(p, v);
+        WeightRow<float, 4>::load(p + 4, v + 4);
+    }
+};
+template <> struct WeightRow<float, 2> {
+    static __device__ __forceinline__ void load(const float* p, float* v) {
+        const float2 a = *reinterpret_cast<const float2*>(p);
+        v[0] = a.x; v[1] = a.y;
+    }
+};
+
+}  // namespace cct
+
+// Three blocks an SM (80 registers); the planner keeps the accumulators within 16 registers.
+template <typename T, int COT, int VQ>
+__global__ void __launch_bounds__(256, 3)
+grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
+                         const T* __restrict__ bias, T* __restrict__ out,
+                         const int* __restrict__ table, const cct::ConvGeom* __restrict__ geom) {
     typedef typename cct::Acc<T>::type Acc;
-    const int sW = static_cast<int>(g.sW);
-    const int row_len = cct::GROUPED_PHASE_HDR + 4 * max_taps;
-    const int cig = static_cast<int>(g.C_in_g);
-    const int taps_all = static_cast<int>(g.kD * g.kH * g.kW);
+    // The geometry as 32-bit values (the planner checks every extent is below 2^30), with the
+    // products that can pass 2^31 in 64 bits: fewer live registers than the int64 ConvGeom.
+    const int D = static_cast<int>(geom->D), H = static_cast<int>(geom->H);
+    const int W = static_cast<int>(geom->W);
+    const int oH = static_cast<int>(geom->oH), oW = static_cast<int>(geom->oW);
+    const int sD = static_cast<int>(geom->sD), sH = static_cast<int>(geom->sH);
+    const int sW = static_cast<int>(geom->sW);
+    const int cig = static_cast<int>(geom->C_in_g), cog = static_cast<int>(geom->C_out_g);
+    const int groups = static_cast<int>(geom->groups);
+    const i64 N = geom->N;
+    const bool has_bias = geom->has_bias != 0;
+    const i64 DHW = static_cast<i64>(D) * H * W;
+    const i64 oVol = geom->oD * oH * static_cast<i64>(oW);
+    const int* hdr = table;
+    const int TD_in = hdr[cct::GH_TD_IN], TH_in = hdr[cct::GH_TH_IN], TW_in = hdr[cct::GH_TW_IN];
+    const int phases = hdr[cct::GH_PHASES], row_len = hdr[cct::GH_ROW_LEN];
+    const int taps_all = hdr[cct::GH_TAPS_ALL], co_chunks = hdr[cct::GH_CO_CHUNKS];
+    const int plane_in = TH_in * TW_in;
+    const int chan_in = TD_in * plane_in;  // one channel of the staged tile
 
-    // Shared memory: the sW phase rows of the table, then weights [rw][tap][ci][COT].
+    // Shared memory: weights [taps_all][ci][COT], input tile [ci][TD_in][TH_in][TW_in], phase rows.
     extern __shared__ __align__(16) unsigned char smem_raw[];
     Acc* w_s = reinterpret_cast<Acc*>(smem_raw);
-    int* tab_s = reinterpret_cast<int*>(w_s + static_cast<i64>(sW) * max_taps * cig * COT);
-    const int* rows = table + static_cast<i64>(blockIdx.z) * sW * row_len;
-    for (int e = threadIdx.x; e < sW * row_len; e += blockDim.x) tab_s[e] = rows[e];
-    __syncthreads();
+    Acc* x_s = w_s + taps_all * cig * COT;
+    // Phase rows start 16-byte aligned, so a tap's (x_off, w_off) pair is one 8-byte load.
+    const int tab_at = ((taps_all * cig * COT + cig * chan_in) * static_cast<int>(sizeof(Acc)) + 15) & ~15;
+    int* tab_s = reinterpret_cast<int*>(smem_raw + tab_at);
 
-    // The d and h phase of this block are shared by its sW rows.
-    const int o0d = tab_s[0], o0h = tab_s[1];
-    const int QD = tab_s[3], QH = tab_s[4];
-    int QW = 0;
-    for (int rw = 0; rw < sW; ++rw) QW = max(QW, tab_s[rw * row_len + 5]);
-    const i64 M = static_cast<i64>(QD) * QH * QW;
-    constexpr int VQ = cct::GROUPED_VQ;
-    int qd[VQ], qh[VQ], qw[VQ];
-    bool active[VQ];
-    bool any_active = false;
-#pragma unroll
-    for (int v = 0; v < VQ; ++v) {
-        const i64 s = (static_cast<i64>(blockIdx.x) * VQ + v) * blockDim.x + threadIdx.x;
-        active[v] = s < M;
-        any_active |= active[v];
-        qw[v] = active[v] ? static_cast<int>(s % QW) : 0;
-        qh[v] = active[v] ? static_cast<int>((s / QW) % QH) : 0;
-        qd[v] = active[v] ? static_cast<int>(s / (static_cast<i64>(QW) * QH)) : 0;
-    }
-    const i64 HW = g.H * g.W;
-    const i64 DHW = g.D * HW;
-    const i64 oHW = g.oH * g.oW;
-    const i64 oVol = g.oD * oHW;
-    const int chunks = static_cast<int>((g.C_out_g + COT - 1) / COT);
-    const i64 planes = g.N * g.groups * chunks;
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+    const int nthreads = blockDim.x * blockDim.y;
+    for (int e = tid; e < phases * row_len; e += nthreads) tab_s[e] = table[cct::GH_SIZE + e];
 
-    for (i64 pl = blockIdx.y; pl < planes; pl += gridDim.y) {
-        const int chunk = static_cast<int>(pl % chunks);
-        const i64 ng = pl / chunks;
-        const i64 grp = ng % g.groups;
-        const i64 n = ng / g.groups;
+    // This block's cells: q0 + (0..VQ-1, threadIdx.y, threadIdx.x).
+    const int tiles_w = hdr[cct::GH_TILES_W], tiles_h = hdr[cct::GH_TILES_H];
+    const int tw = blockIdx.x % tiles_w;
+    const int th = (blockIdx.x / tiles_w) % tiles_h;
+    const int td = blockIdx.x / (tiles_w * tiles_h);
+    const int qw0 = tw * blockDim.x, qh0 = th * blockDim.y, qd0 = td * VQ;
+    const int qw = qw0 + threadIdx.x, qh = qh0 + threadIdx.y;
+    // Tile origin in the input.
+    const int id0 = qd0 + hdr[cct::GH_MIN_D], ih0 = qh0 + hdr[cct::GH_MIN_H];
+    const int iw0 = qw0 + hdr[cct::GH_MIN_W];
+
+    const i64 planes = N * groups * co_chunks;
+    const int rows = cig * TD_in * TH_in;
+
+    const i64 pl = static_cast<i64>(blockIdx.z) * gridDim.y + blockIdx.y;
+    if (pl >= planes) return;  // uniform over the block
+    {
+        const int chunk = static_cast<int>(pl % co_chunks);
+        const i64 ng = pl / co_chunks;
+        const int grp = static_cast<int>(ng % groups);
+        const i64 n = ng / groups;
         const int co0 = chunk * COT;
 
-        __syncthreads();  // the previous plane's weights are no longer read
-        const int per_rw = max_taps * cig * COT;
-        for (int e = threadIdx.x; e < sW * per_rw; e += blockDim.x) {
-            const int j = e % COT;
-            const int ci = (e / COT) % cig;
-            const int t = (e / (COT * cig)) % max_taps;
-            const int rw = e / per_rw;
-            const int* row = tab_s + rw * row_len;
-            const int co = co0 + j;
-            w_s[e] = (t < row[6] && co < g.C_out_g)
-                         ? cct::to_acc(w[((grp * g.C_in_g + ci) * g.C_out_g + co) * taps_all +
-                                         row[cct::GROUPED_PHASE_HDR + 4 * t + 3]])
-                         : Acc(0);
+        // Weights of this group and channel chunk, zero past C_out_g, and the input tile (rows
+        // (ci, d, h), zero outside the input). float and double copy asynchronously, every copy
+        // of a thread in flight at once; 16-bit types convert, FILL loads in flight at a time.
+        const int w_elems = taps_all * cig * COT;
+        const T* wg = w + static_cast<i64>(grp) * cig * cog * taps_all;
+        const T* xg = x + ((n * groups + grp) * cig) * DHW;
+        const int x_elems = rows * TW_in;
+        if constexpr (sizeof(T) == sizeof(Acc)) {
+            // Weights: a thread keeps one channel j of the chunk and steps over (tap, ci) pairs.
+            {
+                const int j = tid % COT, step = nthreads / COT;
+                const bool ok = co0 + j < cog;
+                const int step_t = step / cig, step_ci = step - step_t * cig;
+                int tc = tid / COT;
+                int t = tc / cig, ci = tc - t * cig;
+                for (; tc < taps_all * cig; tc += step) {
+                    cct::cp_async_or_zero(w_s + tc * COT + j,
+                                          wg + (ok ? (ci * cog + co0 + j) * taps_all + t : 0), ok);
+                    t += step_t;
+                    ci += step_ci;
+                    if (ci >= cig) {
+                        ci -= cig;
+                        ++t;
+                    }
+                }
+            }
+            // Input tile: a thread keeps one column ww and steps over rows (ci, d, h), carrying
+            // the row coordinates instead of dividing; every lane copies (no half-empty rows).
+            const int ww = tid % TW_in, rstep = nthreads / TW_in;
+            int r = tid / TW_in;
+            if (r < rstep) {
+                const int iw = iw0 + ww;
+                const bool col_ok = iw >= 0 && iw < W;
+                int hh = r % TH_in, dd = (r / TH_in) % TD_in, ci = r / (TH_in * TD_in);
+                for (; r < rows; r += rstep) {
+                    const int id = id0 + dd, ih = ih0 + hh;
+                    const bool ok = col_ok && id >= 0 && id < D && ih >= 0 && ih < H;
+                    const i64 src = ok ? ci * DHW + (static_cast<i64>(id) * H + ih) * W + iw : 0;
+                    cct::cp_async_or_zero(x_s + r * TW_in + ww, xg + src, ok);
+                    for (hh += rstep; hh >= TH_in; hh -= TH_in) {
+                        if (++dd == TD_in) {
+                            dd = 0;
+                            ++ci;
+                        }
+                    }
+                }
+            }
+            cct::cp_async_wait_all();
+        } else {
+            for (int e0 = tid; e0 < w_elems; e0 += nthreads * cct::FILL) {
+                Acc v[cct::FILL];
+#pragma unroll
+                for (int k = 0; k < cct::FILL; ++k) {
+                    const int e = e0 + k * nthreads;
+                    const int j = e % COT;
+                    const int ci = (e / COT) % cig;
+                    const int t = e / (COT * cig);
+                    const int co = co0 + j;
+                    v[k] = (e < w_elems && co < cog)
+                               ? cct::to_acc(wg[(ci * cog + co) * taps_all + t]) : Acc(0);
+                }
+#pragma unroll
+                for (int k = 0; k < cct::FILL; ++k)
+                    if (e0 + k * nthreads < w_elems) w_s[e0 + k * nthreads] = v[k];
+            }
+            for (int e0 = tid; e0 < x_elems; e0 += nthreads * cct::FILL) {
+                Acc v[cct::FILL];
+#pragma unroll
+                for (int k = 0; k < cct::FILL; ++k) {
+                    const int e = e0 + k * nthreads;
+                    const int ww = e % TW_in;
+                    const int r = e / TW_in;
+                    const int hh = r % TH_in;
+                    const int dd = (r / TH_in) % TD_in;
+                    const int ci = r / (TH_in * TD_in);
+                    const int id = id0 + dd, ih = ih0 + hh, iw = iw0 + ww;
+                    const bool ok = e < x_elems && id >= 0 && id < D && ih >= 0 && ih < H &&
+                                    iw >= 0 && iw < W;
+                    v[k] = ok ? cct::to_acc(xg[ci * DHW + (static_cast<i64>(id) * H + ih) * W + iw])
+                              : Acc(0);
+                }
+#pragma unroll
+                for (int k = 0; k < cct::FILL; ++k)
+                    if (e0 + k * nthreads < x_elems) x_s[e0 + k * nthreads] = v[k];
+            }
         }
         __syncthreads();
-        if (!any_active) continue;
 
-        const T* xg = x + (n * g.C_in + grp * g.C_in_g) * DHW;
-        T* og = out + (n * g.C_out + grp * g.C_out_g + co0) * oVol + o0d * oHW + o0h * g.oW;
-        for (int rw = 0; rw < sW; ++rw) {
-            const int* row = tab_s + rw * row_len;
-            const int QW_rw = row[5];
+        Acc b[COT];
+#pragma unroll
+        for (int j = 0; j < COT; ++j)
+            b[j] = (has_bias && co0 + j < cog) ? cct::to_acc(bias[grp * cog + co0 + j])
+                                                 : Acc(0);
+        T* og = out + ((n * groups + grp) * cog + co0) * oVol;
+        const i64 step_d = static_cast<i64>(sD) * oH * oW;  // one cell along d
+        const Acc* x_thread = x_s + threadIdx.y * TW_in + threadIdx.x;
+
+        for (int ph = 0; ph < phases; ++ph) {
+            const int* row = tab_s + ph * row_len;
+            const int QD = row[3], QH = row[4], QW = row[5], taps = row[6];
+            if (qw0 >= QW || qh0 >= QH || qd0 >= QD) continue;  // uniform over the block
             Acc acc[VQ][COT];
 #pragma unroll
             for (int v = 0; v < VQ; ++v)
 #pragma unroll
                 for (int j = 0; j < COT; ++j) acc[v][j] = Acc(0);
-            const int taps = row[6];
-            const Acc* wr = w_s + rw * per_rw;
+            const int2* tap_offs = reinterpret_cast<const int2*>(row + cct::GROUPED_ROW_HDR);
             for (int t = 0; t < taps; ++t) {
-                const int* tap = row + cct::GROUPED_PHASE_HDR + 4 * t;
-                const int fd = tap[0], fh = tap[1], fw = tap[2];
-                const T* xp[VQ];
-                bool ok[VQ];
+                const int2 offs = tap_offs[t];
+                const Acc* xp = x_thread + offs.x;
+                const Acc* wp = w_s + offs.y;
+#pragma unroll 2
+                for (int ci = 0; ci < cig; ++ci, xp += chan_in, wp += COT) {
+                    Acc wv[COT], xv[VQ];
+                    cct::WeightRow<Acc, COT>::load(wp, wv);
 #pragma unroll
-                for (int v = 0; v < VQ; ++v) {
-                    const int id = qd[v] + fd, ih = qh[v] + fh, iw = qw[v] + fw;
-                    ok[v] = active[v] && qw[v] < QW_rw && id >= 0 && id < g.D && ih >= 0 &&
-                            ih < g.H && iw >= 0 && iw < g.W;
-                    xp[v] = xg + (ok[v] ? (static_cast<i64>(id) * g.H + ih) * g.W + iw : 0);
-                }
-                const Acc* wt = wr + t * cig * COT;
-                for (int ci = 0; ci < cig; ++ci) {
-                    Acc xv[VQ];
+                    for (int v = 0; v < VQ; ++v) xv[v] = xp[v * plane_in];
 #pragma unroll
-                    for (int v = 0; v < VQ; ++v) xv[v] = ok[v] ? cct::to_acc(xp[v][ci * DHW]) : Acc(0);
+                    for (int v = 0; v < VQ; ++v)
 #pragma unroll
-                    for (int j = 0; j < COT; ++j) {
-                        const Acc wv = wt[ci * COT + j];
-#pragma unroll
-                        for (int v = 0; v < VQ; ++v) acc[v][j] = fma(xv[v], wv, acc[v][j]);
-                    }
+                        for (int j = 0; j < COT; ++j) acc[v][j] = cct::fma_ieee(xv[v], wv[j], acc[v][j]);
                 }
             }
+            if (qw >= QW || qh >= QH) continue;
+            const int oh = row[1] + qh * sH;
+            const int ow = row[2] + qw * sW;
+            T* o = og + (static_cast<i64>(row[0] + qd0 * sD) * oH + oh) * oW + ow;
 #pragma unroll
-            for (int v = 0; v < VQ; ++v) {
-                if (!active[v] || qw[v] >= QW_rw) continue;
-                T* o = og + static_cast<i64>(qd[v]) * g.sD * oHW + static_cast<i64>(qh[v]) * g.sH * g.oW +
-                       row[2] + static_cast<i64>(qw[v]) * sW;
+            for (int v = 0; v < VQ; ++v, o += step_d) {
+                if (qd0 + v >= QD) break;
+                T* oc = o;
 #pragma unroll
-                for (int j = 0; j < COT; ++j) {
-                    if (co0 + j < g.C_out_g) {
-                        const Acc b = g.has_bias ? cct::to_acc(bias[grp * g.C_out_g + co0 + j]) : Acc(0);
-                        o[j * oVol] = cct::from_acc<T>(acc[v][j] + b);
-                    }
-                }
+                for (int j = 0; j < COT; ++j, oc += oVol)
+                    if (co0 + j < cog) *oc = cct::from_acc<T>(cct::add_ieee(acc[v][j], b[j]));
             }
         }
     }

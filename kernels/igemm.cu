@@ -11,11 +11,13 @@
 // is spent on the zeros a naive transposed convolution inserts.
 //
 // Work split: blockIdx.z = (group, phase), blockIdx.y = a BN-wide slice of output channels,
-// blockIdx.x = a BM-long run of phase voxels. The K loop walks (tap, BK input channels) chunks:
-// x is gathered into shared memory (coalesced along the phase voxels), the packed weight slice is
-// read as 16-byte vectors; both are double buffered through registers. Each thread owns a TM x TN
-// register tile (TM voxels in 4-wide fragments, TN channels in 4-wide fragments).
-// Every output element is written once (no atomics): results are deterministic.
+// blockIdx.x = a BM-long run of phase voxels. The K loop walks (tap, BK input channels) chunks
+// through a STAGES-deep shared-memory ring filled by cp.async (sm_80+): x is gathered 4 or 8 bytes
+// at a time (zero-filled outside the input), the packed weights 16 bytes at a time; one barrier per
+// chunk. Each thread owns a TM x TN register tile (TM voxels in fragments of 4, TN channels in
+// fragments of FN), KU k-steps unrolled. The epilogue stages the C tile through shared memory so that consecutive
+// threads write consecutive voxels of one channel. Every output element is written once (no
+// atomics): results are deterministic.
 #include "common.cuh"
 
 namespace cct {
@@ -25,34 +27,123 @@ namespace cct {
 // (off_d, off_h, off_w, w_tap) where w_tap = (kd*kH + kh)*kW + kw.
 constexpr int PHASE_HDR = 8;
 
-template <typename A> struct Vec4;  // four accumulators, loaded from shared memory at once
-template <> struct Vec4<float> {
+// Fragments of N accumulators read from (or written to) shared memory with vector accesses.
+template <typename A, int N> struct Frag;
+template <> struct Frag<float, 4> {
     static __device__ __forceinline__ void load(const float* p, float* v) {
         const float4 t = *reinterpret_cast<const float4*>(p);
         v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
     }
+    static __device__ __forceinline__ void store(float* p, float a, float b, float c, float d) {
+        *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+    }
 };
-template <> struct Vec4<double> {
+template <> struct Frag<float, 2> {
+    static __device__ __forceinline__ void load(const float* p, float* v) {
+        const float2 t = *reinterpret_cast<const float2*>(p);
+        v[0] = t.x; v[1] = t.y;
+    }
+};
+template <> struct Frag<double, 4> {
     static __device__ __forceinline__ void load(const double* p, double* v) {
         const double2 a = *reinterpret_cast<const double2*>(p);
         const double2 b = *reinterpret_cast<const double2*>(p + 2);
         v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
     }
+    static __device__ __forceinline__ void store(double* p, double a, double b, double c, double d) {
+        *reinterpret_cast<double2*>(p) = make_double2(a, b);
+        *reinterpret_cast<double2*>(p + 2) = make_double2(c, d);
+    }
 };
-// 16 bytes of packed weights: 4 floats or 2 doubles.
-template <typename A> struct Vec16 { typedef float4 type; static constexpr int n = 4; };
-template <> struct Vec16<double> { typedef double2 type; static constexpr int n = 2; };
+template <> struct Frag<double, 2> {
+    static __device__ __forceinline__ void load(const double* p, double* v) {
+        const double2 t = *reinterpret_cast<const double2*>(p);
+        v[0] = t.x; v[1] = t.y;
+    }
+};
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// One element of x into shared memory as an accumulator, zero where !ok. float and double go by
+// cp.async (asynchronous, zero-filled); the 16-bit types are converted through registers.
+template <typename T> struct GatherX {
+    static __device__ __forceinline__ void copy(typename Acc<T>::type* dst, const T* src, bool ok) {
+        *dst = ok ? to_acc(*src) : typename Acc<T>::type(0);
+    }
+};
+template <> struct GatherX<float> {
+    static __device__ __forceinline__ void copy(float* dst, const float* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)),
+                     "l"(src), "r"(ok ? 4 : 0) : "memory");
+#else
+        *dst = ok ? *src : 0.0f;
+#endif
+    }
+};
+template <> struct GatherX<double> {
+    static __device__ __forceinline__ void copy(double* dst, const double* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)),
+                     "l"(src), "r"(ok ? 8 : 0) : "memory");
+#else
+        *dst = ok ? *src : 0.0;
+#endif
+    }
+};
+// 16 aligned bytes of packed weights into shared memory.
+__device__ __forceinline__ void copy16(void* dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src)
+                 : "memory");
+#else
+    *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+#endif
+}
+__device__ __forceinline__ void cp_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// (n, qd, qh, qw) of phase voxel m, in 32-bit arithmetic when m fits.
+__device__ __forceinline__ void split_voxel(i64 m, i64 QD, i64 QH, i64 QW, i64& n, int& qd, int& qh,
+                                            int& qw) {
+    if (m < 2147483647LL) {
+        u32 r = static_cast<u32>(m);
+        const u32 qw_ = r % static_cast<u32>(QW); r /= static_cast<u32>(QW);
+        const u32 qh_ = r % static_cast<u32>(QH); r /= static_cast<u32>(QH);
+        qd = static_cast<int>(r % static_cast<u32>(QD));
+        n = r / static_cast<u32>(QD);
+        qw = static_cast<int>(qw_); qh = static_cast<int>(qh_);
+    } else {
+        i64 r = m;
+        qw = static_cast<int>(r % QW); r /= QW;
+        qh = static_cast<int>(r % QH); r /= QH;
+        qd = static_cast<int>(r % QD);
+        n = r / QD;
+    }
+}
 
 }  // namespace cct
-
 // Packs w (C_in, C_out_g, kD, kH, kW) into wp[g][phase][tap][ci_pad][co_pad] in the accumulator
 // type, zero where the tap, ci or co does not exist, so the GEMM reads it with no bounds checks.
 template <typename T>
 __global__ void igemm_pack_weights(const T* __restrict__ w, typename cct::Acc<T>::type* __restrict__ wp,
-                                   const int* __restrict__ table, const cct::ConvGeom g,
-                                   const int phases, const int max_taps, const int ci_pad,
-                                   const int co_pad) {
+                                   const int* __restrict__ table,
+                                   const cct::ConvGeom* __restrict__ geom, const int phases,
+                                   const int max_taps, const int ci_pad, const int co_pad) {
     typedef typename cct::Acc<T>::type Acc;
+    const cct::ConvGeom g = *geom;
     const i64 total = g.groups * static_cast<i64>(phases) * max_taps * ci_pad * co_pad;
     const i64 taps_all = g.kD * g.kH * g.kW;
     const int stride_tab = cct::PHASE_HDR + 4 * max_taps;
@@ -74,31 +165,42 @@ __global__ void igemm_pack_weights(const T* __restrict__ w, typename cct::Acc<T>
     }
 }
 
-template <typename T, int BM, int BN, int BK, int TM, int TN>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN))
+template <typename T, int BM, int BN, int BK, int TM, int TN, int STAGES, int MINB, int KU>
+__global__ void __launch_bounds__((BM / TM) * (BN / TN), MINB)
 igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type* __restrict__ wp,
                        const T* __restrict__ bias, T* __restrict__ out,
-                       const int* __restrict__ table, const cct::ConvGeom g, const int phases,
-                       const int max_taps, const int ci_pad, const int co_pad) {
+                       const int* __restrict__ table, const cct::ConvGeom* __restrict__ geom,
+                       const int phases, const int max_taps, const int ci_pad, const int co_pad) {
     typedef typename cct::Acc<T>::type Acc;
-    typedef typename cct::Vec16<Acc>::type V16;
     constexpr int THREADS_M = BM / TM;
     constexpr int THREADS_N = BN / TN;
     constexpr int NT = THREADS_M * THREADS_N;
-    // x loads: each thread gathers M_PER_THREAD voxels for K_PER_THREAD channels of a chunk.
+    constexpr int FN = TN % 4 == 0 ? 4 : 2;  // channel fragment width
+    // x gather: each thread fills M_PER_THREAD voxels for K_PER_THREAD channels of a chunk.
     constexpr int M_PER_THREAD = BM >= NT ? BM / NT : 1;
     constexpr int K_STRIDE = BM >= NT ? 1 : NT / BM;
     constexpr int K_PER_THREAD = BK / K_STRIDE;
-    constexpr int VN = cct::Vec16<Acc>::n;
+    constexpr int VN = 16 / static_cast<int>(sizeof(Acc));  // accumulators per 16-byte vector
     constexpr int B_VECS = BK * BN / VN;
     constexpr int B_PER_THREAD = (B_VECS + NT - 1) / NT;
-    static_assert(TM % 4 == 0 && TN % 4 == 0, "register tiles are read in fragments of 4");
+    constexpr int A_STAGE = BK * BM;
+    constexpr int B_STAGE = BK * BN;
+    constexpr int PIPE = STAGES * (A_STAGE + B_STAGE);
+    constexpr int CP = THREADS_N * FN;  // channels per epilogue pass
+    constexpr int CROW = BM + VN;       // epilogue row pitch (16 bytes of padding)
+    constexpr int EPI = CP * CROW;
+    static_assert(TM % 4 == 0 && TN % FN == 0, "register tiles are read in fragments");
     static_assert(BM % NT == 0 || NT % BM == 0, "x loader needs BM and the thread count to nest");
     static_assert(BK % K_STRIDE == 0, "x loader covers the chunk evenly");
+    static_assert(BN % VN == 0 && STAGES >= 2, "weights are copied in 16-byte vectors");
 
-    __shared__ __align__(16) Acc As[2][BK][BM];
-    __shared__ __align__(16) Acc Bs[2][BK][BN];
+    __shared__ __align__(16) Acc smem[PIPE > EPI ? PIPE : EPI];
+    __shared__ i64 out_off[BM];  // output offset of each voxel of the tile (channel 0), -1 if none
+    Acc* const As = smem;                   // [STAGES][BK][BM]
+    Acc* const Bs = smem + STAGES * A_STAGE;  // [STAGES][BK][BN]
 
+    // Geometry is read where it is used, not copied whole: registers go to the tile.
+    const cct::ConvGeom& g = *geom;
     const int tid = threadIdx.x;
     const int grp = blockIdx.z / phases;
     const int ph = blockIdx.z - grp * phases;
@@ -108,76 +210,75 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
     const i64 M = g.N * QD * QH * QW;
     const i64 m0 = static_cast<i64>(blockIdx.x) * BM;
     if (m0 >= M) return;
-    const int n0 = blockIdx.y * BN;
-    const i64 HW = g.H * g.W;
-    const i64 DHW = g.D * HW;
+    const i64 DHW = g.D * g.H * g.W;
+
+    for (int ml = tid; ml < BM; ml += NT) {
+        const i64 m = m0 + ml;
+        i64 v = -1;
+        if (m < M) {
+            i64 n; int qd, qh, qw;
+            cct::split_voxel(m, QD, QH, QW, n, qd, qh, qw);
+            const i64 oVol = g.oD * g.oH * g.oW;
+            v = (n * g.C_out + static_cast<i64>(grp) * g.C_out_g) * oVol +
+                ((tab[0] + qd * g.sD) * g.oH + tab[1] + qh * g.sH) * g.oW + tab[2] + qw * g.sW;
+        }
+        out_off[ml] = v;
+    }
 
     // Phase-voxel coordinates of the voxels this thread gathers (fixed over the K loop).
     int ld_qd[M_PER_THREAD], ld_qh[M_PER_THREAD], ld_qw[M_PER_THREAD];
-    i64 ld_base[M_PER_THREAD];
-    bool ld_ok[M_PER_THREAD];
+    const T* ld_base[M_PER_THREAD];
     const int k_first = BM >= NT ? 0 : tid / BM;
 #pragma unroll
     for (int j = 0; j < M_PER_THREAD; ++j) {
         const i64 m = m0 + (BM >= NT ? tid + j * NT : tid % BM);
-        ld_ok[j] = m < M;
-        i64 r = ld_ok[j] ? m : 0;
-        ld_qw[j] = static_cast<int>(r % QW); r /= QW;
-        ld_qh[j] = static_cast<int>(r % QH); r /= QH;
-        ld_qd[j] = static_cast<int>(r % QD);
-        const i64 n = r / QD;
-        ld_base[j] = (n * g.C_in + static_cast<i64>(grp) * g.C_in_g) * DHW;
+        i64 n = 0;
+        ld_qd[j] = 0; ld_qh[j] = 0; ld_qw[j] = 0;
+        if (m < M) cct::split_voxel(m, QD, QH, QW, n, ld_qd[j], ld_qh[j], ld_qw[j]);
+        else ld_qd[j] = -(1 << 30);  // never inside the input
+        ld_base[j] = x + (n * g.C_in + static_cast<i64>(grp) * g.C_in_g + k_first) * DHW;
     }
 
-    const int ci_chunks = ci_pad / BK;
-    const int chunks = taps * ci_chunks;
-    const Acc* wp_phase = wp + (static_cast<i64>(grp) * phases + ph) * max_taps * ci_pad * co_pad;
+    const int chunks = taps * (ci_pad / BK);
+    const int C_in_g = static_cast<int>(g.C_in_g);
+    const u32 D = static_cast<u32>(g.D), H = static_cast<u32>(g.H), W = static_cast<u32>(g.W);
+    // Chunk c of the phase's packed weights starts at c * BK * co_pad: one pointer walks them.
+    const Acc* w_next = wp + (static_cast<i64>(grp) * phases + ph) * max_taps * ci_pad * co_pad +
+                        blockIdx.y * BN;
+    const int* tap = tab + cct::PHASE_HDR;  // the tap of the next chunk to issue
+    int it_c = 0;                            // its first input channel
 
-    Acc a_reg[M_PER_THREAD][K_PER_THREAD];
-    V16 b_reg[B_PER_THREAD];
-
-    auto load_chunk = [&](int c) {
-        const int t = c / ci_chunks;
-        const int ci0 = (c - t * ci_chunks) * BK;
-        const int* tap = tab + cct::PHASE_HDR + 4 * t;
-        const int off_d = tap[0], off_h = tap[1], off_w = tap[2];
+    auto issue = [&](int stage) {
+        const int off_d = __ldg(tap), off_h = __ldg(tap + 1), off_w = __ldg(tap + 2);
+        Acc* as = As + stage * A_STAGE;
 #pragma unroll
         for (int j = 0; j < M_PER_THREAD; ++j) {
             const int id = ld_qd[j] + off_d, ih = ld_qh[j] + off_h, iw = ld_qw[j] + off_w;
-            const bool inside = ld_ok[j] && id >= 0 && id < g.D && ih >= 0 && ih < g.H &&
-                                iw >= 0 && iw < g.W;
-            const T* src = x + ld_base[j] + (static_cast<i64>(id) * g.H + ih) * g.W + iw;
+            const bool inside = static_cast<u32>(id) < D && static_cast<u32>(ih) < H &&
+                                static_cast<u32>(iw) < W;
+            const T* src = ld_base[j] + (static_cast<i64>(it_c) * D + id) * H * W +
+                           static_cast<i64>(ih) * W + iw;
+            const int ml = BM >= NT ? tid + j * NT : tid % BM;
+            const int k_left = C_in_g - it_c - k_first;  // channels of the chunk that exist
 #pragma unroll
             for (int i = 0; i < K_PER_THREAD; ++i) {
-                const int ci = ci0 + k_first + i * K_STRIDE;
-                a_reg[j][i] = (inside && ci < g.C_in_g) ? cct::to_acc(src[ci * DHW]) : Acc(0);
+                const bool ok = inside && i * K_STRIDE < k_left;
+                cct::GatherX<T>::copy(as + (k_first + i * K_STRIDE) * BM + ml, ok ? src : x, ok);
+                src += K_STRIDE * DHW;
             }
         }
-        const Acc* wrow = wp_phase + (static_cast<i64>(t) * ci_pad + ci0) * co_pad + n0;
+        Acc* bs = Bs + stage * B_STAGE;
 #pragma unroll
         for (int i = 0; i < B_PER_THREAD; ++i) {
             const int e = tid + i * NT;
             if (B_VECS % NT == 0 || e < B_VECS) {
                 const int k = e / (BN / VN), nv = e - k * (BN / VN);
-                b_reg[i] = *reinterpret_cast<const V16*>(wrow + k * co_pad + nv * VN);
+                cct::copy16(bs + k * BN + nv * VN, w_next + k * co_pad + nv * VN);
             }
         }
-    };
-    auto store_chunk = [&](int buf) {
-#pragma unroll
-        for (int j = 0; j < M_PER_THREAD; ++j) {
-            const int ml = BM >= NT ? tid + j * NT : tid % BM;
-#pragma unroll
-            for (int i = 0; i < K_PER_THREAD; ++i) As[buf][k_first + i * K_STRIDE][ml] = a_reg[j][i];
-        }
-#pragma unroll
-        for (int i = 0; i < B_PER_THREAD; ++i) {
-            const int e = tid + i * NT;
-            if (B_VECS % NT == 0 || e < B_VECS) {
-                const int k = e / (BN / VN), nv = e - k * (BN / VN);
-                *reinterpret_cast<V16*>(&Bs[buf][k][nv * VN]) = b_reg[i];
-            }
-        }
+        w_next += BK * co_pad;
+        it_c += BK;
+        if (it_c == ci_pad) { it_c = 0; tap += 4; }
     };
 
     const int tx = tid % THREADS_M;
@@ -188,53 +289,62 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
 
-    if (chunks > 0) {
-        load_chunk(0);
-        store_chunk(0);
-        __syncthreads();
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < chunks) issue(s);
+        cct::cp_commit();
     }
     for (int c = 0; c < chunks; ++c) {
-        const int buf = c & 1;
-        if (c + 1 < chunks) load_chunk(c + 1);
-#pragma unroll
+        cct::cp_wait<STAGES - 2>();
+        __syncthreads();  // chunk c landed for every thread; its ring slot minus one was read by all
+        if (c + STAGES - 1 < chunks) issue((c + STAGES - 1) % STAGES);
+        cct::cp_commit();
+        const Acc* as = As + (c % STAGES) * A_STAGE;
+        const Acc* bs = Bs + (c % STAGES) * B_STAGE;
+        // KU k-steps unrolled: full unrolling lets ptxas hoist every fragment load and spill
+        // under the register cap.
+#pragma unroll KU
         for (int k = 0; k < BK; ++k) {
             Acc a[TM], b[TN];
 #pragma unroll
             for (int i = 0; i < TM / 4; ++i)
-                cct::Vec4<Acc>::load(&As[buf][k][(i * THREADS_M + tx) * 4], a + 4 * i);
+                cct::Frag<Acc, 4>::load(as + k * BM + (i * THREADS_M + tx) * 4, a + 4 * i);
 #pragma unroll
-            for (int j = 0; j < TN / 4; ++j)
-                cct::Vec4<Acc>::load(&Bs[buf][k][(j * THREADS_N + ty) * 4], b + 4 * j);
+            for (int j = 0; j < TN / FN; ++j)
+                cct::Frag<Acc, FN>::load(bs + k * BN + (j * THREADS_N + ty) * FN, b + FN * j);
 #pragma unroll
             for (int i = 0; i < TM; ++i)
 #pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+                for (int j = 0; j < TN; ++j) acc[i][j] = cct::fma_ieee(a[i], b[j], acc[i][j]);
         }
-        if (c + 1 < chunks) store_chunk(buf ^ 1);
-        __syncthreads();
     }
+    cct::cp_wait<0>();
+    const i64 oVol = g.oD * g.oH * g.oW;
+    const int C_out_g = static_cast<int>(g.C_out_g);
+    const int n0 = blockIdx.y * BN;
+    const T* bias_g = g.has_bias ? bias + (blockIdx.z / phases) * g.C_out_g : nullptr;
 
-    // Epilogue: bias, round to T, scatter into the phase's output voxels.
-    const i64 oHW = g.oH * g.oW;
-    const i64 oVol = g.oD * oHW;
-    const i64 o0d = tab[0], o0h = tab[1], o0w = tab[2];
+    // Epilogue, TN/FN passes of CP channels: the tile goes to shared memory, then consecutive
+    // threads add the bias and write consecutive voxels of one channel.
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const i64 m = m0 + ((i / 4) * THREADS_M + tx) * 4 + (i % 4);
-        if (m >= M) continue;
-        i64 r = m;
-        const i64 qw = r % QW; r /= QW;
-        const i64 qh = r % QH; r /= QH;
-        const i64 qd = r % QD;
-        const i64 n = r / QD;
-        const i64 sp = (o0d + qd * g.sD) * oHW + (o0h + qh * g.sH) * g.oW + (o0w + qw * g.sW);
-        T* o = out + (n * g.C_out + static_cast<i64>(grp) * g.C_out_g) * oVol + sp;
+    for (int f = 0; f < TN / FN; ++f) {
+        __syncthreads();
 #pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int co = n0 + ((j / 4) * THREADS_N + ty) * 4 + (j % 4);
-            if (co < g.C_out_g) {
-                const Acc b = g.has_bias ? cct::to_acc(bias[grp * g.C_out_g + co]) : Acc(0);
-                o[co * oVol] = cct::from_acc<T>(acc[i][j] + b);
+        for (int i = 0; i < TM / 4; ++i)
+#pragma unroll
+            for (int jj = 0; jj < FN; ++jj)
+                cct::Frag<Acc, 4>::store(smem + (ty * FN + jj) * CROW + (i * THREADS_M + tx) * 4,
+                                         acc[4 * i][f * FN + jj], acc[4 * i + 1][f * FN + jj],
+                                         acc[4 * i + 2][f * FN + jj], acc[4 * i + 3][f * FN + jj]);
+        __syncthreads();
+#pragma unroll 4
+        for (int e = tid; e < CP * BM; e += NT) {
+            const int row = e / BM, ml = e - row * BM;
+            const int co = n0 + f * CP + row;
+            const i64 o = out_off[ml];
+            if (o >= 0 && co < C_out_g) {
+                const Acc b = bias_g != nullptr ? cct::to_acc(bias_g[co]) : Acc(0);
+                out[o + co * oVol] = cct::from_acc<T>(cct::add_ieee(smem[row * CROW + ml], b));
             }
         }
     }

@@ -179,3 +179,50 @@ def test_torch_cuda_stream_order():
         ref = torch.nn.functional.conv_transpose3d(x.double(), w.double(), stride=2)
     s.synchronize()
     assert rel_err(got.double().cpu().numpy(), ref.cpu().numpy()) <= TOL["float32"]
+
+
+def test_gpu_autotune_caches_winner(tmp_path, monkeypatch, rng):
+    """With autotuning on, the first call times the eligible families and stores the winner on
+    disk; the result is still correct, and a fresh process would find the entry."""
+    import json
+
+    import cupy
+
+    from cupyconvt import _autotune, set_autotune
+
+    monkeypatch.setenv("CUPYCONVT_CACHE_DIR", str(tmp_path))
+    _autotune.clear(memory_only=True)
+    case = MEDIUM[3]  # grouped: grouped, igemm and direct are all eligible
+    x, w, b = case.arrays(rng, np.float32)
+    set_autotune(True)
+    try:
+        out = _poisoned(cupyconvt.output_shape(x.shape, w.shape, **case.kwargs), np.float32)
+        cupyconvt.conv_transpose3d(cupy.asarray(x), cupy.asarray(w), **case.kwargs, out=out)
+    finally:
+        set_autotune(None)
+    ref = _cpu_reference(x, w, None, **case.kwargs)
+    assert rel_err(cupy.asnumpy(out), ref) <= TOL["float32"]
+    entries = json.loads((tmp_path / "autotune.json").read_text())
+    (entry,) = entries.values()
+    assert entry["winner"] in FAMILIES and len(entry["ms"]) >= 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_float32_keeps_denormals(family, rng):
+    """float32 is IEEE: denormal products and sums are kept, not flushed to zero (CuPy compiles
+    with -ftz=true; the kernels use PTX fma.rn.f32, which never flushes)."""
+    import cupy
+
+    case = MEDIUM[1]
+    x, w, _ = case.arrays(rng, np.float32)
+    x = (x * np.float32(1e-38)).astype(np.float32)  # around the smallest normal float32
+    w = (w * np.float32(1e-2)).astype(np.float32)  # products are denormal
+    p = ConvParams.from_args(x.shape, w.shape, None, **case.kwargs)
+    if not eligible(p, "float32", family):
+        pytest.skip(f"{family} is not eligible")
+    out = _poisoned(p.out_shape, np.float32)
+    _gpu.conv_transpose3d(cupy.asarray(x), cupy.asarray(w), None, p, out, family=family)
+    got = cupy.asnumpy(out)
+    ref = conv_transpose3d_oracle(x.astype(np.float64), w.astype(np.float64), **case.kwargs)
+    assert np.abs(ref).max() < 1.2e-38  # the reference itself is denormal
+    assert rel_err(got, ref) <= 1e-3, "denormals flushed"

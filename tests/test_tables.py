@@ -1,7 +1,7 @@
 """The host-side tables of the fast kernels reproduce the definition (checked on the CPU).
 
-The phase table that kernels/igemm.cu and kernels/grouped.cu read is replayed in NumPy exactly
-as they read it (per phase, per tap: a shifted dense correlation).
+The phase table that kernels/igemm.cu reads is replayed in NumPy exactly as it reads it (per
+phase, per tap: a shifted dense correlation), and so are kernels/grouped.cu's staged tiles.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 from cases import CASES
 from oracle import TOL, conv_transpose3d_oracle, rel_err
 
+from cupyconvt._grouped import GH_SIZE, ROW_HDR, GroupedPlan
 from cupyconvt._params import ConvParams
 from cupyconvt._plans import PHASE_HDR, phase_table
 
@@ -62,11 +63,72 @@ def test_phase_table_covers_each_tap_once():
     assert sorted(taps) == list(range(3 * 4 * 5))
 
 
+def _replay_grouped(x, w, b, p: ConvParams, dtype: str, sm_count: int) -> np.ndarray:
+    """kernels/grouped.cu in NumPy: per block, stage the tile and weights as the kernel does,
+    then read them only through the plan's table (tile extents, per-tap x_off and w_off)."""
+    plan = GroupedPlan.build(p, dtype, sm_count)
+    table = plan.table.host
+    hdr, rows = table[:GH_SIZE], table[GH_SIZE:].reshape(int(table[10]), int(table[9]))
+    td_in, th_in, tw_in, min_d, min_h, min_w, tiles_w, tiles_h, co_chunks = (
+        int(v) for v in hdr[:9]
+    )
+    tqw, tqh, vq, cot = plan.tile.tqw, plan.tile.tqh, plan.tile.vq, plan.cot
+    G, cig, cog = p.groups, p.C_in_g, p.C_out_g
+    taps_all = p.kernel[0] * p.kernel[1] * p.kernel[2]
+    x6 = x.reshape(p.N, G, cig, *p.in_size)
+    w4 = w.reshape(G, cig, cog, taps_all)
+    out = np.full(p.out_shape5, np.nan)
+    out6 = out.reshape(p.N, G, cog, *p.out_size)
+    plane_in, chan_in = th_in * tw_in, td_in * th_in * tw_in
+    ty, tx = np.meshgrid(np.arange(tqh), np.arange(tqw), indexing="ij")
+    for n, g, chunk in np.ndindex(p.N, G, co_chunks):
+        co = chunk * cot + np.arange(cot)
+        w_s = np.zeros((taps_all, cig, cot))
+        w_s[:, :, co < cog] = w4[g][:, co[co < cog]].transpose(2, 0, 1)
+        w_s = w_s.ravel()
+        for bid in range(plan.grid[0]):
+            tw, th, td = bid % tiles_w, (bid // tiles_w) % tiles_h, bid // (tiles_w * tiles_h)
+            qw0, qh0, qd0 = tw * tqw, th * tqh, td * vq
+            x_s = np.zeros((cig, td_in, th_in, tw_in))
+            starts = (qd0 + min_d, qh0 + min_h, qw0 + min_w)
+            idx = [np.arange(s, s + e) for s, e in zip(starts, (td_in, th_in, tw_in), strict=True)]
+            ok = [(i >= 0) & (i < e) for i, e in zip(idx, p.in_size, strict=True)]
+            x_s[(slice(None),) + np.ix_(*ok)] = x6[n, g][
+                (slice(None),) + np.ix_(*[i[o] for i, o in zip(idx, ok, strict=True)])
+            ]
+            x_s = x_s.ravel()
+            for row in rows:
+                o0d, o0h, o0w, QD, QH, QW, taps = (int(v) for v in row[:7])
+                for v in range(vq):
+                    valid = (qw0 + tx < QW) & (qh0 + ty < QH) & (qd0 + v < QD)
+                    if not valid.any():
+                        continue
+                    acc = np.zeros((cot, tqh, tqw))
+                    for t in range(taps):
+                        x_off, w_off = (int(u) for u in row[ROW_HDR + 2 * t : ROW_HDR + 2 * t + 2])
+                        for ci in range(cig):
+                            xv = x_s[x_off + ci * chan_in + v * plane_in + ty * tw_in + tx]
+                            acc += (
+                                xv[None]
+                                * w_s[w_off + ci * cot : w_off + (ci + 1) * cot, None, None]
+                            )
+                    od = o0d + (qd0 + v) * p.stride[0]
+                    oh = o0h + (qh0 + ty[valid]) * p.stride[1]
+                    ow = o0w + (qw0 + tx[valid]) * p.stride[2]
+                    for j in np.flatnonzero(co < cog):
+                        out6[n, g, co[j], od, oh, ow] = acc[j][valid]
+    if b is not None:
+        out += b.reshape(1, -1, 1, 1, 1)
+    return out.reshape(p.out_shape)
+
+
+@pytest.mark.parametrize("sm_count", [0, 10**6], ids=["deep_tile", "thin_tile"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_phase_rows_of_one_dh_phase_agree(case):
-    """grouped.cu reads the sW rows of a (rd, rh) pair as one block: they share d and h."""
-    p = ConvParams.from_args(case.x_shape, case.w_shape, None, **case.kwargs)
-    table, _ = phase_table(p)
-    rows = table[:, :PHASE_HDR].reshape(-1, p.stride[2], PHASE_HDR)
-    for cols in ((0, 3), (1, 4)):
-        assert (rows[:, :, cols] == rows[:, :1, cols]).all()
+def test_grouped_tiles_reproduce_definition(case, sm_count, rng):
+    """Every output written (NaN-poisoned), from the staged tiles and the table alone; a large
+    SM count makes the planner pick its thinnest tile, so both tile depths are replayed."""
+    x, w, b = case.arrays(rng)
+    p = ConvParams.from_args(x.shape, w.shape, None if b is None else b.shape, **case.kwargs)
+    assert GroupedPlan.eligible(p, "float32")
+    got = _replay_grouped(x, w, b, p, "float32", sm_count)
+    assert rel_err(got, conv_transpose3d_oracle(x, w, b, **case.kwargs)) <= TOL["float64"]

@@ -1,0 +1,116 @@
+"""Time implicit-GEMM tile variants (cupyconvt/_igemm.py) on benchmark shapes, each checked first
+against torch's float64 conv_transpose3d on the same inputs (NaN-poisoned output).
+
+    PYTHONPATH=. python benchmarks/igemm_variants.py --dtype float32 [--only kb61_cube_k3,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("CUPY_TF32", "0")
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cupyconvt._igemm import GemmTile, IgemmPlan, igemm_module, igemm_tiles  # noqa: E402
+from cupyconvt._params import ConvParams  # noqa: E402
+
+TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+EXTRA = {
+    "float32": (
+        GemmTile(256, 24, 16, 8, 6, 2, 4, 8),
+        GemmTile(256, 24, 16, 8, 6, 2, 4, 4),
+        GemmTile(256, 48, 16, 8, 6, 2, 2, 8),
+    ),
+    "float64": (),
+}
+
+
+def time_ms(fn, warmup=3, repeat=10):
+    import cupy
+
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(cupy.cuda.get_elapsed_time(a, b))
+    return float(np.median(ts))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--tiles", default="", help="comma-separated BMxBN filters, e.g. 128x64")
+    ap.add_argument("--cases", type=Path, default=Path(__file__).parent / "cases.json")
+    args = ap.parse_args()
+    import cupy
+    import torch
+
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
+    dtype = args.dtype
+    extra = EXTRA.get(dtype, ())
+    module = igemm_module(dtype, extra)
+    tiles = igemm_tiles(dtype) + tuple(t for t in extra if t not in igemm_tiles(dtype))
+    sm = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+    cases = json.loads(args.cases.read_text())["cases"]
+    cases = [c for c in cases if not args.only or c["name"] in args.only.split(",")]
+    ok_all = True
+    for c in cases:
+        kw = dict(stride=c["stride"], padding=c["padding"], output_padding=c["output_padding"],
+                  groups=c["groups"], dilation=c["dilation"])  # fmt: skip
+        rng = cupy.random.default_rng(0)
+        x = rng.standard_normal((c["N"], c["C_in"], *c["in"])).astype(dtype)
+        w = rng.standard_normal((c["C_in"], c["C_out"] // c["groups"], *c["k"])).astype(dtype)
+        b = rng.standard_normal(c["C_out"]).astype(dtype) if c["bias"] else None
+        p = ConvParams.from_args(x.shape, w.shape, None if b is None else b.shape, **kw)
+        xt, wt = torch.from_dlpack(x), torch.from_dlpack(w)
+        bt = None if b is None else torch.from_dlpack(b)
+        f = torch.nn.functional.conv_transpose3d
+        ref = f(xt.double(), wt.double(), None if bt is None else bt.double(), **kw)
+        rnorm = float(ref.norm())
+        torch_ms = time_ms(lambda: f(xt, wt, bt, **kw), 2, args.repeat)
+        flops = 2 * p.useful_macs
+        picked = IgemmPlan.build(p, dtype, sm).tile
+        print(f"{c['name']}: cuDNN {torch_ms:.3f} ms ({flops / torch_ms / 1e9:.1f} TFLOP/s)",
+              flush=True)  # fmt: skip
+        for t in tiles:
+            if args.tiles and f"{t.BM}x{t.BN}" not in args.tiles.split(","):
+                continue
+            plan = IgemmPlan.build(p, dtype, sm, tile=t)
+            out = cupy.full(p.out_shape, np.nan, dtype=dtype)
+            plan.launch(x, w, b, out, module)
+            err = float((torch.from_dlpack(out).double() - ref).norm()) / rnorm
+            again = cupy.full(p.out_shape, np.nan, dtype=dtype)
+            plan.launch(x, w, b, again, module)
+            rep = bool((again == out).all())
+            good = err <= TOL[dtype] and rep
+            ok_all &= good
+            ms = time_ms(lambda plan=plan, out=out: plan.launch(x, w, b, out, module), 3,
+                         args.repeat)  # fmt: skip
+            mark = "*" if t == picked else " "
+            print(f"  {mark} {t.BM}x{t.BN} k{t.BK} {t.TM}x{t.TN} st{t.STAGES} mb{t.MINB} "
+                  f"ku{t.KU} thr{t.threads()} grid{plan.grid}: {ms:.3f} ms "
+                  f"{flops / ms / 1e9:.1f} TFLOP/s err {err:.1e} rep {rep} "
+                  f"{'OK' if good else 'FAIL'}", flush=True)  # fmt: skip
+            del out, again
+        del ref
+        cupy.get_default_memory_pool().free_all_blocks()
+        torch.cuda.empty_cache()
+    print("all correct:", ok_all)
+    return 0 if ok_all else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

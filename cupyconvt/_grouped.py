@@ -17,7 +17,15 @@ import numpy as np
 
 from ._compile import KernelModule, get_function
 from ._params import ConvParams
-from ._plans import CPP_TYPE, DeviceArray, acc_dtype, geometry, phase_axes, phase_table
+from ._plans import (
+    CPP_TYPE,
+    DeviceArray,
+    acc_dtype,
+    geometry,
+    on_device,
+    phase_axes,
+    phase_table,
+)
 
 #: Output channels per thread (template COT), and cells per thread along depth (template VQ).
 GROUPED_COT = (1, 2, 4, 8)
@@ -27,8 +35,9 @@ GROUPED_VQ = (1, 2, 4, 8)
 GROUPED_ACC_REGS = 16
 #: Threads per block (kernels/grouped.cu: __launch_bounds__).
 GROUPED_THREADS = 256
-#: Shared memory a block aims to stay under, so that three blocks fit on an H100 SM.
-GROUPED_SMEM_TARGET = 72 * 1024
+#: Shared memory a block aims to stay under, so that three blocks fit on an H100 SM (228 KiB,
+#: 1 KiB of it reserved per block).
+GROUPED_SMEM_TARGET = 75 * 1024
 #: The most shared memory a block may use: below sm_80's and sm_90's opt-in limits.
 GROUPED_MAX_SMEM = 99 * 1024
 #: Plan header ints at the start of the table (kernels/grouped.cu: cct::GH_SIZE).
@@ -73,11 +82,24 @@ def _offset_range(axis: list[tuple[int, int, list[tuple[int, int]]]]) -> tuple[i
     return (min(offs), max(offs)) if offs else (0, 0)
 
 
+def _vec(dtype: str) -> int:
+    """Accumulators per 16 bytes: the width of the staged rows' alignment and of the weights'
+    padding (kernels/grouped.cu: 16 / sizeof(Acc))."""
+    return 16 // acc_dtype(dtype).itemsize
+
+
+def _tile_in(tile: GroupedTile, spans: tuple[int, int, int], dtype: str) -> tuple[int, int, int]:
+    """Extent of the staged input tile per channel: cells plus halo, rows padded to 16 bytes."""
+    v = _vec(dtype)
+    return tile.vq + spans[0], tile.tqh + spans[1], -(-(tile.tqw + spans[2]) // v) * v
+
+
 def _smem_bytes(p: ConvParams, dtype: str, cot: int, tile: GroupedTile, spans, table_ints) -> int:
+    v = _vec(dtype)
     taps_all = p.kernel[0] * p.kernel[1] * p.kernel[2]
-    tile_in = (tile.vq + spans[0]) * (tile.tqh + spans[1]) * (tile.tqw + spans[2])
-    elems = taps_all * p.C_in_g * cot + p.C_in_g * tile_in
-    return -(-elems * acc_dtype(dtype).itemsize // 16) * 16 + 4 * table_ints  # rows 16-aligned
+    w_elems = -(-taps_all * p.C_in_g * cot // v) * v
+    elems = w_elems + p.C_in_g * int(np.prod(_tile_in(tile, spans, dtype)))
+    return -(-elems // v) * 16 + 4 * table_ints  # phase rows 16-byte aligned after the tile
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,7 @@ class GroupedPlan:
     table: DeviceArray = field(compare=False, repr=False)
     geom: DeviceArray = field(compare=False, repr=False)
     family: str = "grouped"
+    _per_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def block(self) -> tuple[int, int, int]:
@@ -103,64 +126,87 @@ class GroupedPlan:
     @staticmethod
     def _layout(
         p: ConvParams, dtype: str, sm_count: int = 0
-    ) -> tuple[GroupedTile, int, tuple, tuple] | None:
-        """The tile, its shared memory, the offset minima and spans; None if nothing fits.
+    ) -> tuple[int, GroupedTile, int, tuple, tuple] | None:
+        """Channels per thread, the tile, its shared memory, the offset minima and spans; None
+        if nothing fits.
 
-        The deepest tile (most cells per thread, least halo per cell) whose shared memory stays
-        under the target and that still gives every SM two blocks, else the smallest that fits.
+        The first candidate (see below) whose shared memory stays under the target and that
+        still gives every SM two blocks; for small problems, the one with the most blocks.
         """
         axes = phase_axes(p)
         ranges = [_offset_range(a) for a in axes]
+        # The tile's w origin is rounded down to a 16-byte boundary (tqw is a multiple of the
+        # vector width), so rows can be copied 16 bytes at a time where W allows.
+        v = _vec(dtype)
+        ranges[2] = (ranges[2][0] - ranges[2][0] % v, ranges[2][1])
         spans = tuple(hi - lo for lo, hi in ranges)
         qmax = [max(q for _, q, _ in a) for a in axes]
         phases = p.stride[0] * p.stride[1] * p.stride[2]
         max_taps = max(1, int(np.prod([max(len(t) for _, _, t in a) for a in axes])))
         table_ints = GH_SIZE + phases * (ROW_HDR + 2 * max_taps)
         tqw = _pow2_at_least(qmax[2], 8, 32)
-        tqh = _pow2_at_least(qmax[1], 32 // tqw, GROUPED_THREADS // tqw)
+        tqh_full = _pow2_at_least(qmax[1], 32 // tqw, GROUPED_THREADS // tqw)
+        # Candidates in order of preference: the widest output-channel chunk (fewest reloads
+        # of the input tile), then the deepest tile (least halo), then the taller one.
+        candidates = []
         cot = GroupedPlan.pick_cot(p)
-        tiles = [
-            GroupedTile(tqw, tqh, vq)
-            for vq in GROUPED_VQ[::-1]
-            if vq == 1 or (vq <= qmax[0] and _acc_regs(dtype, cot, vq) <= GROUPED_ACC_REGS)
-        ]
-        sized = [(t, _smem_bytes(p, dtype, cot, t, spans, table_ints)) for t in tiles]
-        fits = [(t, smem) for t, smem in sized if smem <= GROUPED_MAX_SMEM]
-        if not fits:
+        while cot >= 1:
+            for vq in GROUPED_VQ[::-1]:
+                if vq > 1 and (vq > qmax[0] or _acc_regs(dtype, cot, vq) > GROUPED_ACC_REGS):
+                    continue
+                for tqh in (tqh_full, tqh_full // 2):
+                    if tqh * tqw < 32:
+                        continue
+                    tile = GroupedTile(tqw, tqh, vq)
+                    # Each thread of the fill keeps one column of the tile: a row may not
+                    # outnumber them.
+                    if _tile_in(tile, spans, dtype)[2] > tqw * tqh:
+                        continue
+                    smem = _smem_bytes(p, dtype, cot, tile, spans, table_ints)
+                    if smem <= GROUPED_MAX_SMEM:
+                        candidates.append((cot, tile, smem))
+            cot //= 2
+        if not candidates:
             return None
-        planes = p.N * p.groups * -(-p.C_out_g // cot)
 
-        def blocks(t: GroupedTile) -> int:
+        def blocks(cot: int, t: GroupedTile) -> int:
+            planes = p.N * p.groups * -(-p.C_out_g // cot)
             return planes * -(-qmax[0] // t.vq) * -(-qmax[1] // t.tqh) * -(-qmax[2] // t.tqw)
 
-        good = [f for f in fits if f[1] <= GROUPED_SMEM_TARGET and blocks(f[0]) >= 2 * sm_count]
-        tile, smem = good[0] if good else fits[-1]
-        return tile, smem, tuple(lo for lo, _ in ranges), spans
+        good = [
+            c
+            for c in candidates
+            if c[2] <= GROUPED_SMEM_TARGET and blocks(c[0], c[1]) >= 2 * sm_count
+        ]
+        if good:
+            cot, tile, smem = good[0]
+        else:  # a small problem: the candidate that spreads it over the most blocks
+            under = [c for c in candidates if c[2] <= GROUPED_SMEM_TARGET] or candidates
+            cot, tile, smem = max(under, key=lambda c: blocks(c[0], c[1]))
+        return cot, tile, smem, tuple(lo for lo, _ in ranges), spans
 
     @staticmethod
     def eligible(p: ConvParams, dtype: str) -> bool:
-        layout = GroupedPlan._layout(p, dtype)
-        if layout is None:
+        """Whether some tile fits, and the grid (at most one block a cell, and a plane per
+        output channel at worst) and the kernel's 32-bit coordinates stay in range."""
+        if GroupedPlan._layout(p, dtype) is None:
             return False
-        tile = layout[0]
         qmax = [max(q for _, q, _ in a) for a in phase_axes(p)]
-        tiles = (-(-qmax[0] // tile.vq)) * (-(-qmax[1] // tile.tqh)) * (-(-qmax[2] // tile.tqw))
-        planes = p.N * p.groups * -(-p.C_out_g // GroupedPlan.pick_cot(p))
-        return (tiles < 2**31 and planes <= 65535**2 and max(p.in_size) < 2**30
+        cells = qmax[0] * qmax[1] * qmax[2]
+        return (cells < 2**31 and p.N * p.C_out <= 65535**2 and max(p.in_size) < 2**30
                 and max(p.out_size) < 2**30)  # fmt: skip
 
     @classmethod
     def build(cls, p: ConvParams, dtype: str, sm_count: int = 0) -> GroupedPlan:
         layout = cls._layout(p, dtype, sm_count)
         assert layout is not None, "build() needs an eligible problem"
-        tile, smem, mins, spans = layout
-        cot = cls.pick_cot(p)
+        cot, tile, smem, mins, spans = layout
         axes = phase_axes(p)
         qmax = [max(q for _, q, _ in a) for a in axes]
         tiles_w = -(-qmax[2] // tile.tqw)
         tiles_h = -(-qmax[1] // tile.tqh)
         tiles_d = -(-qmax[0] // tile.vq)
-        td_in, th_in, tw_in = tile.vq + spans[0], tile.tqh + spans[1], tile.tqw + spans[2]
+        td_in, th_in, tw_in = _tile_in(tile, spans, dtype)
         co_chunks = -(-p.C_out_g // cot)
 
         ptable, max_taps = phase_table(p)
@@ -187,7 +233,10 @@ class GroupedPlan:
         return [(m, name)]
 
     def launch(self, x: Any, w: Any, bias: Any, out: Any) -> None:
-        ((module, name),) = self.kernels()
-        fn = get_function(module, name, self.shared_mem)
-        args = (x, w, bias, out, self.table.get(), self.geom.get())
-        fn(self.grid, self.block, args, shared_mem=self.shared_mem)
+        def make() -> tuple:
+            ((module, name),) = self.kernels()
+            fn = get_function(module, name, self.shared_mem)
+            return fn, self.table.get(), self.geom.get()
+
+        fn, table, geom = on_device(self._per_device, make)
+        fn(self.grid, self.block, (x, w, bias, out, table, geom), shared_mem=self.shared_mem)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 
 Triple = tuple[int, int, int]
@@ -193,6 +193,14 @@ class ConvParams:
             batched=batched,
             has_bias=bias_shape is not None,
         )
+
+    def __hash__(self) -> int:
+        # Plans are cached per problem and looked up on every call: hash the fields once.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", h)
+        return h
 
     @property
     def C_in_g(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -62,6 +63,18 @@ class DeviceArray:
                     arr = cupy.asarray(self.host)
                     self._dev[dev] = arr
         return arr
+
+
+def on_device(cache: dict[int, Any], make: Callable[[], Any]) -> Any:
+    """``make()`` for the current device, computed once per device and kept in ``cache``: what a
+    launch needs (function, device tables) costs one dict lookup after the first call."""
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice()
+    value = cache.get(dev)
+    if value is None:
+        value = cache.setdefault(dev, make())
+    return value
 
 
 def geometry(p: ConvParams) -> DeviceArray:
@@ -138,6 +151,7 @@ class DirectPlan:
     geom: DeviceArray = field(compare=False, repr=False)
     block: tuple[int, int, int] = (DIRECT_THREADS, 1, 1)
     family: str = "direct"
+    _per_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, p: ConvParams, dtype: str, sm_count: int) -> DirectPlan:
@@ -150,5 +164,9 @@ class DirectPlan:
         return [(m, m.name_expressions[0])]
 
     def launch(self, x: Any, w: Any, bias: Any, out: Any) -> None:
-        ((module, name),) = self.kernels()
-        get_function(module, name)(self.grid, self.block, (x, w, bias, out, self.geom.get()))
+        def make() -> tuple:
+            ((module, name),) = self.kernels()
+            return get_function(module, name), self.geom.get()
+
+        fn, geom = on_device(self._per_device, make)
+        fn(self.grid, self.block, (x, w, bias, out, geom))

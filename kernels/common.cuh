@@ -78,6 +78,20 @@ __device__ __forceinline__ void cp_async_or_zero(T* dst, const T* src, bool vali
 #endif
 }
 
+// The same for 16 bytes (both addresses 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void cp_async16_or_zero(T* dst, const T* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    u32 saddr;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(saddr) : "l"(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(saddr), "l"(src),
+                 "r"(valid ? 16 : 0));
+#else
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(16 / sizeof(T)); ++i) dst[i] = valid ? src[i] : T(0);
+#endif
+}
+
 __device__ __forceinline__ void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_all;" ::: "memory");

@@ -95,9 +95,10 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
     // Shared memory: weights [taps_all][ci][COT], input tile [ci][TD_in][TH_in][TW_in], phase rows.
     extern __shared__ __align__(16) unsigned char smem_raw[];
     Acc* w_s = reinterpret_cast<Acc*>(smem_raw);
-    Acc* x_s = w_s + taps_all * cig * COT;
+    constexpr int VEC = 16 / sizeof(Acc);  // accumulators per 16 bytes
+    Acc* x_s = w_s + (taps_all * cig * COT + VEC - 1) / VEC * VEC;  // 16-byte aligned
     // Phase rows start 16-byte aligned, so a tap's (x_off, w_off) pair is one 8-byte load.
-    const int tab_at = ((taps_all * cig * COT + cig * chan_in) * static_cast<int>(sizeof(Acc)) + 15) & ~15;
+    const int tab_at = static_cast<int>((x_s + cig * chan_in - w_s) * sizeof(Acc) + 15) & ~15;
     int* tab_s = reinterpret_cast<int*>(smem_raw + tab_at);
 
     const int tid = threadIdx.y * blockDim.x + threadIdx.x;
@@ -153,19 +154,27 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
                     }
                 }
             }
-            // Input tile: a thread keeps one column ww and steps over rows (ci, d, h), carrying
-            // the row coordinates instead of dividing; every lane copies (no half-empty rows).
-            const int ww = tid % TW_in, rstep = nthreads / TW_in;
-            int r = tid / TW_in;
+            // Input tile: a thread keeps one column (of VEC elements where W and x's alignment
+            // allow: the tile's w origin and width are multiples of VEC, so a vector is wholly
+            // inside or outside the input) and steps over rows (ci, d, h), carrying the row
+            // coordinates instead of dividing.
+            const bool vec = W % VEC == 0 && reinterpret_cast<u64>(x) % 16 == 0;
+            const int cw = vec ? VEC : 1;
+            const int cols = TW_in / cw;
+            const int col = tid % cols, rstep = nthreads / cols;
+            int r = tid / cols;
             if (r < rstep) {
-                const int iw = iw0 + ww;
+                const int ww = col * cw, iw = iw0 + ww;
                 const bool col_ok = iw >= 0 && iw < W;
                 int hh = r % TH_in, dd = (r / TH_in) % TD_in, ci = r / (TH_in * TD_in);
                 for (; r < rows; r += rstep) {
                     const int id = id0 + dd, ih = ih0 + hh;
                     const bool ok = col_ok && id >= 0 && id < D && ih >= 0 && ih < H;
                     const i64 src = ok ? ci * DHW + (static_cast<i64>(id) * H + ih) * W + iw : 0;
-                    cct::cp_async_or_zero(x_s + r * TW_in + ww, xg + src, ok);
+                    if (vec)
+                        cct::cp_async16_or_zero(x_s + r * TW_in + ww, xg + src, ok);
+                    else
+                        cct::cp_async_or_zero(x_s + r * TW_in + ww, xg + src, ok);
                     for (hh += rstep; hh >= TH_in; hh -= TH_in) {
                         if (++dd == TD_in) {
                             dd = 0;

@@ -4,6 +4,9 @@ against torch's float64 conv_transpose3d on the same inputs (NaN-poisoned output
     PYTHONPATH=. python benchmarks/igemm_variants.py --dtype float32 [--only kb61_cube_k3,...]
 """
 
+# The lambdas in the loops are timed (called) at once, inside their iteration.
+# ruff: noqa: B023
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +25,13 @@ from cupyconvt._params import ConvParams  # noqa: E402
 TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 EXTRA = {
     "float32": (
-        GemmTile(256, 24, 16, 8, 6, 2, 4, 8),
         GemmTile(256, 24, 16, 8, 6, 2, 4, 4),
-        GemmTile(256, 48, 16, 8, 6, 2, 2, 8),
+        GemmTile(256, 32, 8, 8, 4, 4, 2, 8),  # the production tile before 128x32
+        GemmTile(256, 16, 8, 8, 4, 4, 4, 8),  # the production tile before 256x16 k16
+        GemmTile(64, 128, 8, 8, 8, 4, 3, 8),
+        GemmTile(128, 128, 16, 8, 8, 2, 1, 8),
+        GemmTile(128, 16, 8, 8, 4, 4, 8, 8),
+        GemmTile(512, 16, 8, 16, 4, 2, 3, 8),
     ),
     "float64": (),
 }
@@ -85,6 +92,28 @@ def main() -> int:
         picked = IgemmPlan.build(p, dtype, sm).tile
         print(f"{c['name']}: cuDNN {torch_ms:.3f} ms ({flops / torch_ms / 1e9:.1f} TFLOP/s)",
               flush=True)  # fmt: skip
+        pk = IgemmPlan.build(p, dtype, sm)
+        if pk.phases:
+            from cupyconvt._compile import get_function
+            from cupyconvt._plans import acc_dtype
+
+            wp = cupy.empty(p.groups * pk.phases * pk.max_taps * pk.ci_pad * pk.co_pad,
+                            dtype=acc_dtype(dtype))  # fmt: skip
+            ext = (np.int32(pk.phases), np.int32(pk.max_taps), np.int32(pk.ci_pad),
+                   np.int32(pk.co_pad))  # fmt: skip
+            fn = get_function(module, module.name_expressions[0])
+            pack_ms = time_ms(lambda: fn(pk.pack_grid, (256, 1, 1),
+                                         (w, wp, pk.table.get(), pk.geom.get(), *ext)), 3,
+                              args.repeat)  # fmt: skip
+            print(f"  pack {pack_ms:.4f} ms ({wp.size} packed)", flush=True)
+            del wp
+        if pk.fill_grid is not None:
+            fill_out = cupy.empty(p.out_shape, dtype=dtype)
+            fn = get_function(module, module.name_expressions[1])
+            fill_ms = time_ms(lambda: fn(pk.fill_grid, (256, 1, 1),
+                                         (b, fill_out, pk.tapless.get(), pk.geom.get())), 3,
+                              args.repeat)  # fmt: skip
+            print(f"  tapless fill {fill_ms:.4f} ms", flush=True)
         for t in tiles:
             if args.tiles and f"{t.BM}x{t.BN}" not in args.tiles.split(","):
                 continue

@@ -1,7 +1,7 @@
 """Run one benchmark case a few times, for a profiler (ncu) or for host-overhead profiling.
 
-    PYTHONPATH=. ncu -k regex:igemm python benchmarks/profile_case.py kb61_cube_k3 --iters 2
-    PYTHONPATH=. python benchmarks/profile_case.py tiny_latency --host     # where host time goes
+PYTHONPATH=. ncu -k regex:igemm python benchmarks/profile_case.py kb61_cube_k3 --iters 2
+PYTHONPATH=. python benchmarks/profile_case.py tiny_latency --host     # where host time goes
 """
 
 from __future__ import annotations

@@ -269,7 +269,8 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
                 T* oc = o;
 #pragma unroll
                 for (int j = 0; j < COT; ++j, oc += oVol)
-                    if (co0 + j < cog) *oc = cct::from_acc<T>(cct::add_ieee(acc[v][j], b[j]));
+                    if (co0 + j < cog)
+                        *oc = cct::from_acc<T>(has_bias ? cct::add_ieee(acc[v][j], b[j]) : acc[v][j]);
             }
         }
     }

@@ -11,10 +11,11 @@
 // is spent on the zeros a naive transposed convolution inserts.
 //
 // Work split: blockIdx.z = (group, phase), blockIdx.y = a BN-wide slice of output channels,
-// blockIdx.x = a BM-long run of phase voxels. The K loop walks (tap, BK input channels) chunks
-// through a STAGES-deep shared-memory ring filled by cp.async (sm_80+): x is gathered 4 or 8 bytes
-// at a time (zero-filled outside the input), the packed weights 16 bytes at a time; one barrier per
-// chunk. Each thread owns a TM x TN register tile (TM voxels in fragments of 4, TN channels in
+// blockIdx.x = a BM-long run of phase voxels. Only phases with taps are launched (the host lists
+// them first in the table; igemm_fill_tapless writes the outputs of the others). The K loop walks
+// (tap, BK input channels) chunks through a STAGES-deep shared-memory ring filled by cp.async
+// (sm_80+): x is gathered 4 or 8 bytes at a time (zero-filled outside the input), the packed
+// weights 16 bytes at a time; one barrier per chunk. Each thread owns a TM x TN register tile (TM voxels in fragments of 4, TN channels in
 // fragments of FN), KU k-steps unrolled. The epilogue stages the C tile through shared memory so that consecutive
 // threads write consecutive voxels of one channel. Every output element is written once (no
 // atomics): results are deterministic.
@@ -137,31 +138,98 @@ __device__ __forceinline__ void split_voxel(i64 m, i64 QD, i64 QH, i64 QW, i64& 
 }  // namespace cct
 // Packs w (C_in, C_out_g, kD, kH, kW) into wp[g][phase][tap][ci_pad][co_pad] in the accumulator
 // type, zero where the tap, ci or co does not exist, so the GEMM reads it with no bounds checks.
+// `phases` counts the phases with taps, which the host puts first in the table. 32-bit index
+// arithmetic when the packed array has fewer than 2^31 elements.
+template <typename T, typename I>
+__device__ __forceinline__ void igemm_pack_loop(const T* __restrict__ w,
+                                                typename cct::Acc<T>::type* __restrict__ wp,
+                                                const int* __restrict__ table,
+                                                const cct::ConvGeom& g, const I total,
+                                                const int phases, const int max_taps,
+                                                const int ci_pad, const int co_pad) {
+    typedef typename cct::Acc<T>::type Acc;
+    const i64 taps_all = g.kD * g.kH * g.kW;
+    const int C_in_g = static_cast<int>(g.C_in_g), C_out_g = static_cast<int>(g.C_out_g);
+    const int stride_tab = cct::PHASE_HDR + 4 * max_taps;
+    for (I e = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+         e += static_cast<I>(gridDim.x) * blockDim.x) {
+        I r = e;
+        const int co = static_cast<int>(r % static_cast<I>(co_pad)); r /= static_cast<I>(co_pad);
+        const int ci = static_cast<int>(r % static_cast<I>(ci_pad)); r /= static_cast<I>(ci_pad);
+        const int t = static_cast<int>(r % static_cast<I>(max_taps)); r /= static_cast<I>(max_taps);
+        const int ph = static_cast<int>(r % static_cast<I>(phases));
+        const i64 grp = static_cast<i64>(r / static_cast<I>(phases));
+        const int* tab = table + ph * stride_tab;
+        Acc v = Acc(0);
+        if (t < __ldg(tab + 6) && ci < C_in_g && co < C_out_g) {
+            const int w_tap = __ldg(tab + cct::PHASE_HDR + 4 * t + 3);
+            v = cct::to_acc(w[((grp * C_in_g + ci) * C_out_g + co) * taps_all + w_tap]);
+        }
+        wp[e] = v;
+    }
+}
+
 template <typename T>
 __global__ void igemm_pack_weights(const T* __restrict__ w, typename cct::Acc<T>::type* __restrict__ wp,
                                    const int* __restrict__ table,
                                    const cct::ConvGeom* __restrict__ geom, const int phases,
                                    const int max_taps, const int ci_pad, const int co_pad) {
-    typedef typename cct::Acc<T>::type Acc;
     const cct::ConvGeom g = *geom;
     const i64 total = g.groups * static_cast<i64>(phases) * max_taps * ci_pad * co_pad;
-    const i64 taps_all = g.kD * g.kH * g.kW;
-    const int stride_tab = cct::PHASE_HDR + 4 * max_taps;
-    for (i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-         e += static_cast<i64>(gridDim.x) * blockDim.x) {
-        i64 r = e;
-        const int co = static_cast<int>(r % co_pad); r /= co_pad;
-        const int ci = static_cast<int>(r % ci_pad); r /= ci_pad;
-        const int t = static_cast<int>(r % max_taps); r /= max_taps;
-        const int ph = static_cast<int>(r % phases);
-        const i64 grp = r / phases;
-        const int* tab = table + ph * stride_tab;
-        Acc v = Acc(0);
-        if (t < tab[6] && ci < g.C_in_g && co < g.C_out_g) {
-            const int w_tap = tab[cct::PHASE_HDR + 4 * t + 3];
-            v = cct::to_acc(w[((grp * g.C_in_g + ci) * g.C_out_g + co) * taps_all + w_tap]);
+    if (total < 2147483647LL)
+        igemm_pack_loop<T, u32>(w, wp, table, g, static_cast<u32>(total), phases, max_taps, ci_pad,
+                                co_pad);
+    else
+        igemm_pack_loop<T, i64>(w, wp, table, g, total, phases, max_taps, ci_pad, co_pad);
+}
+
+// Writes bias (or zero) to every output element of a phase with no taps (e.g. stride 2 with
+// dilation 2: 7 of the 8 phases), so the GEMM launches only over phases with taps. tapless[] holds
+// one flag per residue (o + padding) mod stride of each axis (sD, then sH, then sW entries): a
+// phase has no taps exactly when one of its axes' residues has none. Grid (oD, C_out, N), each
+// block one (n, c, od) plane at a time, no division in the loops: a tapless plane is one
+// contiguous run; otherwise each warp takes rows, a tapless row is contiguous and a mixed row gets
+// only its tapless columns. Every element the GEMM does not write is written here, once.
+template <typename T>
+__global__ void __launch_bounds__(256)
+igemm_fill_tapless(const T* __restrict__ bias, T* __restrict__ out, const int* __restrict__ tapless,
+                   const cct::ConvGeom* __restrict__ geom) {
+    const cct::ConvGeom& g = *geom;
+    const int sD = static_cast<int>(g.sD), sH = static_cast<int>(g.sH), sW = static_cast<int>(g.sW);
+    const int* const fh = tapless + sD;
+    const int* const fw = fh + sH;
+    const i64 od = blockIdx.x;
+    const i64 oD = g.oD, oH = g.oH, oW = g.oW, HW = oH * oW;
+    const i64 C_out = g.C_out, N = g.N;
+    const bool plane_tapless = __ldg(tapless + (od + g.pD) % sD) != 0;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    const int step_w = 32 % sW, step_h = warps % sH;
+    const int rw0 = static_cast<int>((lane + g.pW) % sW);
+    const int rh0 = static_cast<int>((warp + g.pH) % sH);
+    const bool has_bias = g.has_bias != 0;
+    for (i64 c = blockIdx.y; c < C_out; c += gridDim.y) {
+        const T v = has_bias ? bias[c] : cct::from_acc<T>(typename cct::Acc<T>::type(0));
+        for (i64 n = blockIdx.z; n < N; n += gridDim.z) {
+            T* const dst = out + ((n * C_out + c) * oD + od) * HW;
+            if (plane_tapless) {
+                for (i64 e = threadIdx.x; e < HW; e += blockDim.x) dst[e] = v;
+                continue;
+            }
+            int rh = rh0;
+            for (i64 h = warp; h < oH; h += warps) {
+                const bool row = __ldg(fh + rh) != 0;
+                T* const r = dst + h * oW;
+                int rw = rw0;
+                for (i64 w = lane; w < oW; w += 32) {
+                    if (row || __ldg(fw + rw)) r[w] = v;
+                    rw += step_w;
+                    if (rw >= sW) rw -= sW;
+                }
+                rh += step_h;
+                if (rh >= sH) rh -= sH;
+            }
         }
-        wp[e] = v;
     }
 }
 

@@ -19,10 +19,11 @@ os.environ.setdefault("CUPY_TF32", "0")
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import TOL, time_ms  # noqa: E402  (benchmarks/bench.py, beside this script)
+
 from cupyconvt._igemm import GemmTile, IgemmPlan, igemm_module, igemm_tiles  # noqa: E402
 from cupyconvt._params import ConvParams  # noqa: E402
 
-TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 EXTRA = {
     "float32": (
         GemmTile(256, 24, 16, 8, 6, 2, 4, 4),
@@ -35,22 +36,6 @@ EXTRA = {
     ),
     "float64": (),
 }
-
-
-def time_ms(fn, warmup=3, repeat=10):
-    import cupy
-
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        a, b = cupy.cuda.Event(), cupy.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(cupy.cuda.get_elapsed_time(a, b))
-    return float(np.median(ts))
 
 
 def main() -> int:

@@ -65,9 +65,9 @@ template <> struct WeightRow<float, 2> {
 
 }  // namespace cct
 
-// Three blocks an SM (80 registers); the planner keeps the accumulators within 16 registers.
+// Three blocks an SM (80 registers) while the accumulators take at most 16 registers, else two.
 template <typename T, int COT, int VQ>
-__global__ void __launch_bounds__(256, 3)
+__global__ void __launch_bounds__(256, VQ * COT * sizeof(typename cct::Acc<T>::type) > 64 ? 2 : 3)
 grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
                          const T* __restrict__ bias, T* __restrict__ out,
                          const int* __restrict__ table, const cct::ConvGeom* __restrict__ geom) {

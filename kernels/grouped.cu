@@ -8,9 +8,9 @@
 //   out[n, g*C_out_g + co, o0 + q*s] = bias[co]
 //       + sum_{tap t of the phase, ci < C_in_g} x[n, g*C_in_g + ci, q + off_t] * w[g*C_in_g + ci, co, t]
 //
-// Work split: a block (blockIdx.y + blockIdx.z * gridDim.y) owns one (n, group, COT output channels) plane and a tile of TQD x TQH x TQW
-// cells (TQW = blockDim.x lanes along w, TQH = blockDim.y rows along h, TQD = VQ cells along d,
-// VQ per thread). It stages the input the tile reads (all C_in_g channels, cells plus the taps'
+// Work split: a block owns one (n, group, COT output channels) plane, numbered
+// blockIdx.y + blockIdx.z * gridDim.y, and a tile of TQD x TQH x TQW cells (TQW = blockDim.x lanes
+// along w, TQH = blockDim.y rows along h, TQD = VQ cells along d, VQ per thread). It stages the input the tile reads (all C_in_g channels, cells plus the taps'
 // halo) and the group's weights in shared memory once, then each thread walks every phase of its
 // VQ cells: neighbouring lanes read neighbouring shared words and write neighbouring outputs of one
 // phase, and every thread of the block is on the same phase and tap at once, so weights are read
@@ -23,7 +23,8 @@ namespace cct {
 // Plan header at the start of the table (cupyconvt/_grouped.py writes it):
 enum GroupedHdr {
     GH_TD_IN, GH_TH_IN, GH_TW_IN,  // staged input tile extent (cells + halo) per channel
-    GH_MIN_D, GH_MIN_H, GH_MIN_W,  // smallest tap offset per axis: tile origin = q0 + min
+    GH_MIN_D, GH_MIN_H, GH_MIN_W,  // tile origin = q0 + these: the smallest tap offset per axis
+                                   // (along w rounded down to 16 bytes)
     GH_TILES_W, GH_TILES_H,        // tiles along w and h (blockIdx.x = (td*TILES_H + th)*TILES_W + tw)
     GH_CO_CHUNKS,                  // COT-wide output-channel chunks per group
     GH_ROW_LEN,                    // ints per phase row

@@ -16,10 +16,13 @@ def array_kind(a: object) -> str:
     """``'numpy'``, ``'cupy'`` or ``'torch'``; never imports CuPy or torch to find out."""
     if isinstance(a, np.ndarray):
         return "numpy"
-    module = type(a).__module__
-    if module.startswith("cupy") and hasattr(a, "__cuda_array_interface__"):
+    # Look the protocols up on the type: on an instance, CuPy's __cuda_array_interface__ is a
+    # property that builds its whole dict, a cost paid on every call.
+    cls = type(a)
+    module = cls.__module__
+    if module.startswith("cupy") and hasattr(cls, "__cuda_array_interface__"):
         return "cupy"
-    if module.startswith("torch") and hasattr(a, "__dlpack__"):
+    if module.startswith("torch") and hasattr(cls, "__dlpack__"):
         return "torch"
     return "other"
 

@@ -32,9 +32,13 @@ def all_modules() -> list[KernelModule]:
     return [f(d) for d in CPP_TYPE for f in (direct_module, grouped_module, igemm_module)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DeviceInfo:
-    """The properties of a GPU that selection depends on."""
+    """The properties of a GPU that selection depends on.
+
+    One instance per device (``_gpu.device_info`` is cached), so it hashes and compares by
+    identity: the plan cache looks it up on every call.
+    """
 
     id: int
     name: str

@@ -226,3 +226,22 @@ def test_gpu_float32_keeps_denormals(family, rng):
     ref = conv_transpose3d_oracle(x.astype(np.float64), w.astype(np.float64), **case.kwargs)
     assert np.abs(ref).max() < 1.2e-38  # the reference itself is denormal
     assert rel_err(got, ref) <= 1e-3, "denormals flushed"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gpu_grouped_misaligned_input(dtype, rng):
+    """An input view that starts off a 16-byte boundary (W a multiple of 4, so only the pointer
+    rules out the grouped kernel's 16-byte tile copies) is still computed exactly."""
+    import cupy
+
+    case = Case("misaligned", 3, 8, 8, (5, 6, 8), (3, 3, 3), dict(stride=2, padding=1, groups=4))
+    x, w, b = case.arrays(rng, np.dtype(dtype))
+    flat = cupy.asarray(np.concatenate([np.ones(1, dtype), x.ravel()]))
+    xd = flat[1:].reshape(x.shape)  # contiguous, one element past an aligned allocation
+    assert xd.flags.c_contiguous and xd.data.ptr % 16 != 0
+    p = ConvParams.from_args(x.shape, w.shape, None, **case.kwargs)
+    assert eligible(p, dtype, "grouped")
+    out = _poisoned(p.out_shape, dtype)
+    _gpu.conv_transpose3d(xd, cupy.asarray(w), None, p, out, family="grouped")
+    ref = conv_transpose3d_oracle(x.astype(np.float64), w.astype(np.float64), **case.kwargs)
+    assert rel_err(cupy.asnumpy(out), ref) <= TOL[dtype]

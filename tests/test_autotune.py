@@ -243,11 +243,8 @@ def _chmod_prevents_writing(d: Path) -> bool:
     return False
 
 
-def test_uncreatable_cache_dir_keeps_results_in_memory(tmp_path, monkeypatch):
-    """A cache directory below a regular file cannot be made, by root either."""
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    monkeypatch.setenv("CUPYCONVT_CACHE_DIR", str(blocker / "sub"))
+def _assert_kept_in_memory() -> None:
+    """With an unwritable cache: one warning for all keys, and results still reused in memory."""
     measure = FakeMeasure(TIMES)
     with pytest.warns(AutotuneCacheWarning, match="cannot write the autotune cache") as rec:
         assert choose(KEY, list(TIMES), measure) == "grouped:4"
@@ -256,6 +253,14 @@ def test_uncreatable_cache_dir_keeps_results_in_memory(tmp_path, monkeypatch):
     assert len(rec) == 1  # warned once, not per key
     assert choose(KEY, list(TIMES), must_not_measure) == "grouped:4"
     assert len(measure.calls) == len(TIMES)
+
+
+def test_uncreatable_cache_dir_keeps_results_in_memory(tmp_path, monkeypatch):
+    """A cache directory below a regular file cannot be made, by root either."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("CUPYCONVT_CACHE_DIR", str(blocker / "sub"))
+    _assert_kept_in_memory()
     assert blocker.read_text() == ""
 
 
@@ -270,14 +275,7 @@ def test_read_only_cache_dir_keeps_results_in_memory(tmp_path, monkeypatch, miss
                 "running as root, whom chmod does not stop from writing (see the test above)"
             )
         monkeypatch.setenv("CUPYCONVT_CACHE_DIR", str(ro / "sub" if missing else ro))
-        measure = FakeMeasure(TIMES)
-        with pytest.warns(AutotuneCacheWarning, match="cannot write the autotune cache") as rec:
-            assert choose(KEY, list(TIMES), measure) == "grouped:4"
-            other = problem_key("Fake GPU", "float64", (1,))
-            assert choose(other, ["direct"], FakeMeasure({"direct": 1.0})) == "direct"
-        assert len(rec) == 1  # warned once, not per key
-        assert choose(KEY, list(TIMES), must_not_measure) == "grouped:4"
-        assert len(measure.calls) == len(TIMES)
+        _assert_kept_in_memory()
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o700)

@@ -73,12 +73,12 @@ def rel_err(a: Any, ref: Any) -> float:
     return float((a - ref).norm() / ref.norm()) if bool(a.isfinite().all()) else float("nan")
 
 
-def run_case(c: dict, dtype: str, args: argparse.Namespace, ceil: dict, torch: Any) -> dict:
+def case_inputs(c: dict, dtype: str) -> tuple[dict, Any, Any, Any, Any]:
+    """A case's keyword arguments, its inputs as CuPy arrays (random, seeded, never zeros: x, w,
+    bias or None) and its ConvParams. Every benchmark script draws the same inputs."""
     import cupy
 
-    from cupyconvt import _gpu, conv_transpose3d
     from cupyconvt._params import ConvParams
-    from cupyconvt._select import FAMILIES, eligible
 
     kw = dict(stride=c["stride"], padding=c["padding"], output_padding=c["output_padding"],
               groups=c["groups"], dilation=c["dilation"])  # fmt: skip
@@ -87,6 +87,16 @@ def run_case(c: dict, dtype: str, args: argparse.Namespace, ceil: dict, torch: A
     w = rng.standard_normal((c["C_in"], c["C_out"] // c["groups"], *c["k"])).astype(dtype)
     b = rng.standard_normal(c["C_out"]).astype(dtype) if c["bias"] else None
     p = ConvParams.from_args(x.shape, w.shape, None if b is None else b.shape, **kw)
+    return kw, x, w, b, p
+
+
+def run_case(c: dict, dtype: str, args: argparse.Namespace, ceil: dict, torch: Any) -> dict:
+    import cupy
+
+    from cupyconvt import _gpu, conv_transpose3d
+    from cupyconvt._select import FAMILIES, eligible
+
+    kw, x, w, b, p = case_inputs(c, dtype)
     xt, wt = torch.from_dlpack(x), torch.from_dlpack(w)
     bt = None if b is None else torch.from_dlpack(b)
     f = torch.nn.functional.conv_transpose3d

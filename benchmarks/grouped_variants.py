@@ -12,7 +12,7 @@ import json
 import sys
 
 import numpy as np
-from bench import TOL, default_cases, time_ms
+from bench import TOL, case_inputs, default_cases, time_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,19 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cupyconvt import _gpu
-    from cupyconvt._params import ConvParams
 
     ok = True
     for c in json.loads(default_cases().read_text())["cases"]:
         if c["name"] not in args.only.split(","):
             continue
-        kw = dict(stride=c["stride"], padding=c["padding"], output_padding=c["output_padding"],
-                  groups=c["groups"], dilation=c["dilation"])  # fmt: skip
-        rng = cupy.random.default_rng(0)
-        x = rng.standard_normal((c["N"], c["C_in"], *c["in"])).astype(args.dtype)
-        w = rng.standard_normal((c["C_in"], c["C_out"] // c["groups"], *c["k"])).astype(args.dtype)
-        b = rng.standard_normal(c["C_out"]).astype(args.dtype) if c["bias"] else None
-        p = ConvParams.from_args(x.shape, w.shape, None if b is None else b.shape, **kw)
+        kw, x, w, b, p = case_inputs(c, args.dtype)
         plan = _gpu.select(p, args.dtype, _gpu.device_info(0), "grouped")
         out = cupy.full(p.out_shape, np.nan, dtype=args.dtype)
         plan.launch(x, w, b, out)

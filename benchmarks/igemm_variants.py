@@ -19,10 +19,9 @@ os.environ.setdefault("CUPY_TF32", "0")
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import TOL, time_ms  # noqa: E402  (benchmarks/bench.py, beside this script)
+from bench import TOL, case_inputs, time_ms  # noqa: E402  (benchmarks/bench.py, beside this script)
 
 from cupyconvt._igemm import GemmTile, IgemmPlan, igemm_module, igemm_tiles  # noqa: E402
-from cupyconvt._params import ConvParams  # noqa: E402
 
 EXTRA = {
     "float32": (
@@ -60,13 +59,7 @@ def main() -> int:
     cases = [c for c in cases if not args.only or c["name"] in args.only.split(",")]
     ok_all = True
     for c in cases:
-        kw = dict(stride=c["stride"], padding=c["padding"], output_padding=c["output_padding"],
-                  groups=c["groups"], dilation=c["dilation"])  # fmt: skip
-        rng = cupy.random.default_rng(0)
-        x = rng.standard_normal((c["N"], c["C_in"], *c["in"])).astype(dtype)
-        w = rng.standard_normal((c["C_in"], c["C_out"] // c["groups"], *c["k"])).astype(dtype)
-        b = rng.standard_normal(c["C_out"]).astype(dtype) if c["bias"] else None
-        p = ConvParams.from_args(x.shape, w.shape, None if b is None else b.shape, **kw)
+        kw, x, w, b, p = case_inputs(c, dtype)
         xt, wt = torch.from_dlpack(x), torch.from_dlpack(w)
         bt = None if b is None else torch.from_dlpack(b)
         f = torch.nn.functional.conv_transpose3d

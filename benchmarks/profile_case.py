@@ -13,8 +13,7 @@ import pstats
 import sys
 import time
 
-import numpy as np
-from bench import default_cases  # noqa: E402  (run as a script from benchmarks/)
+from bench import case_inputs, default_cases  # noqa: E402  (run as a script from benchmarks/)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,16 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import cupyconvt
     from cupyconvt import _gpu
-    from cupyconvt._params import ConvParams
 
     c = next(c for c in json.loads(default_cases().read_text())["cases"] if c["name"] == args.case)
-    kw = dict(stride=c["stride"], padding=c["padding"], output_padding=c["output_padding"],
-              groups=c["groups"], dilation=c["dilation"])  # fmt: skip
-    rng = cupy.random.default_rng(0)
-    x = rng.standard_normal((c["N"], c["C_in"], *c["in"]), dtype=np.float64).astype(args.dtype)
-    w = rng.standard_normal((c["C_in"], c["C_out"] // c["groups"], *c["k"])).astype(args.dtype)
-    b = rng.standard_normal(c["C_out"]).astype(args.dtype) if c["bias"] else None
-    p = ConvParams.from_args(x.shape, w.shape, None if b is None else b.shape, **kw)
+    kw, x, w, b, p = case_inputs(c, args.dtype)
     out = cupy.empty(p.out_shape, dtype=args.dtype)
 
     def call():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._api import conv_transpose3d
 from ._autotune import enabled as autotune_enabled
 from ._params import ConvParams, output_shape
+from ._precision import get_float32_matmul_precision, set_float32_matmul_precision
 from ._select import set_autotune
 
 __version__ = "0.1.0"
@@ -18,5 +19,7 @@ __all__ = [
     "ConvParams",
     "set_autotune",
     "autotune_enabled",
+    "set_float32_matmul_precision",
+    "get_float32_matmul_precision",
     "__version__",
 ]

@@ -9,7 +9,9 @@ import numpy as np
 
 from . import _cpu
 from ._dtypes import CPU_DTYPES, GPU_DTYPES, check_dtype
+from ._layout import check_layout, check_x_rank, from_logical_shape, to_logical_shape
 from ._params import ConvParams, IntOrTriple
+from ._precision import resolve as resolve_precision
 
 
 def array_kind(a: object) -> str:
@@ -100,6 +102,8 @@ def conv_transpose3d(
     dilation: IntOrTriple = 1,
     *,
     out: Any | None = None,
+    precision: str | None = None,
+    layout: str = "NCDHW",
 ) -> Any:
     """3D transposed convolution ("deconvolution") with PyTorch's exact semantics.
 
@@ -111,9 +115,11 @@ def conv_transpose3d(
     Parameters
     ----------
     x : array, shape ``(N, C_in, D, H, W)`` or unbatched ``(C_in, D, H, W)``
-        Input. float16, bfloat16, float32 or float64.
+        Input. float16, bfloat16, float32 or float64. With ``layout="NDHWC"``: ``(N, D, H, W,
+        C_in)`` or unbatched ``(D, H, W, C_in)``.
     w : array, shape ``(C_in, C_out // groups, kD, kH, kW)``
-        Weight, in PyTorch's ``ConvTranspose3d`` layout, same dtype and device as ``x``.
+        Weight, in PyTorch's ``ConvTranspose3d`` layout (in either ``layout``), same dtype and
+        device as ``x``.
     bias : array, shape ``(C_out,)``, optional
         Added to every output voxel of its channel.
     stride, padding, output_padding, dilation : int or triple of int
@@ -122,26 +128,47 @@ def conv_transpose3d(
     groups : int
         Number of channel groups; must divide ``C_in``. ``groups == C_in`` is depthwise.
     out : array, optional
-        A C-contiguous array of the result's shape and dtype to write into (NumPy/CuPy only).
+        A C-contiguous array of the result's shape (in ``layout``) and dtype to write into
+        (NumPy/CuPy only).
+    precision : {"highest", "high", "medium"}, optional
+        How float32 inputs are computed on the GPU. ``None`` (the default) takes the process
+        default of :func:`cupyconvt.set_float32_matmul_precision`, itself ``"highest"``.
+    layout : {"NCDHW", "NDHWC"}
+        Axis order of ``x`` and of the result (and ``out``) in memory: channels first, as in
+        PyTorch, or channels last. NumPy and CuPy arrays only: a torch tensor carries its own
+        memory format, and a ``torch.channels_last_3d`` input gives a ``channels_last_3d``
+        result.
 
     Returns
     -------
     array
-        ``(N, C_out, D_out, H_out, W_out)`` (unbatched if ``x`` was), dtype of ``x``, where
+        ``(N, C_out, D_out, H_out, W_out)`` (``(N, D_out, H_out, W_out, C_out)`` for NDHWC;
+        unbatched if ``x`` was), dtype of ``x``, where
         ``D_out = (D - 1)*stride - 2*padding + dilation*(kD - 1) + output_padding + 1``.
 
     Raises
     ------
     TypeError
-        Unsupported array type or dtype, mixed array libraries, mismatched dtypes.
+        Unsupported array type or dtype, mixed array libraries, mismatched dtypes; ``precision``
+        or ``layout`` not a str.
     ValueError
-        Shapes or arguments that break PyTorch's rules; the message names the argument.
+        Shapes or arguments that break PyTorch's rules, an unknown ``precision`` or ``layout``,
+        ``layout`` given with a torch tensor; the message names the argument.
 
     Notes
     -----
-    float16 and bfloat16 accumulate in float32 and round once; float32 uses IEEE float32
-    arithmetic (no TF32). Every output element is written exactly once, with no atomics, so GPU
-    results are bitwise reproducible run to run.
+    ``precision`` applies to float32 on the GPU only:
+
+    - ``"highest"``: IEEE float32 arithmetic (no TF32; denormals kept). The library never lowers
+      float32 precision unless asked.
+    - ``"high"``: 3xTF32 on tensor cores. Each operand is split into two TF32 parts and three
+      TF32 products are summed in float32: about as accurate as float32 arithmetic.
+    - ``"medium"``: plain TF32 on tensor cores (relative error near 1e-3), the fastest.
+
+    float64 is always computed in float64. float16 and bfloat16 use tensor cores with float32
+    accumulation and round once. The CPU backend computes every precision in IEEE float32 (or
+    float64), at least as accurately as asked. Every output element is written exactly once,
+    with no atomics, so GPU results are bitwise reproducible run to run.
 
     Examples
     --------
@@ -150,18 +177,39 @@ def conv_transpose3d(
     >>> w = np.random.rand(4, 2, 3, 3, 3).astype(np.float32)
     >>> cupyconvt.conv_transpose3d(x, w, stride=2, padding=1, output_padding=1).shape
     (1, 2, 16, 16, 16)
+
+    Channels last, and a float32 precision for this call only (the CPU ignores it):
+
+    >>> x_last = np.ascontiguousarray(x.transpose(0, 2, 3, 4, 1))  # (N, D, H, W, C_in)
+    >>> y = cupyconvt.conv_transpose3d(x_last, w, stride=2, layout="NDHWC", precision="high")
+    >>> y.shape
+    (1, 17, 17, 17, 2)
     """
+    # Cheap checks first: the common call (NCDHW, default precision) pays a few comparisons.
+    if type(layout) is not str or layout != "NCDHW":
+        layout = check_layout(layout)
+    precision = resolve_precision(precision)
     if array_kind(x) == "torch":
         if out is not None:
             raise TypeError("out= is not supported for torch tensors")
+        if layout != "NCDHW":
+            raise ValueError(
+                f"layout={layout!r} is not supported for torch tensors: a torch tensor carries "
+                "its memory format; for channels last pass "
+                "x.to(memory_format=torch.channels_last_3d)"
+            )
         from . import _interop
 
         return _interop.conv_transpose3d_torch(
-            x, w, bias, stride, padding, output_padding, groups, dilation
+            x, w, bias, stride, padding, output_padding, groups, dilation, precision
         )
     kind = _check_arrays(x, w, bias, out)
+    x_shape = x.shape
+    if layout != "NCDHW":
+        check_x_rank(x_shape, layout)
+        x_shape = to_logical_shape(x_shape, layout)
     p = params_for(
-        x.shape,
+        x_shape,
         w.shape,
         None if bias is None else bias.shape,
         stride,
@@ -171,12 +219,20 @@ def conv_transpose3d(
         dilation,
     )
     if out is not None:
-        if tuple(out.shape) != p.out_shape:
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {p.out_shape}")
+        expected = p.out_shape if layout == "NCDHW" else from_logical_shape(p.out_shape, layout)
+        if tuple(out.shape) != expected:
+            where = "" if layout == "NCDHW" else f" for layout={layout!r}"
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {expected}{where}")
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
     if kind == "numpy":
-        return _cpu.conv_transpose3d(x, w, bias, p, out)
+        if layout == "NCDHW":
+            return _cpu.conv_transpose3d(x, w, bias, p, out)
+        # The CPU backend reads and writes NCDHW views of the channels-last arrays.
+        if out is None:
+            out = np.empty(from_logical_shape(p.out_shape, layout), dtype=x.dtype)
+        _cpu.conv_transpose3d(np.moveaxis(x, -1, -4), w, bias, p, np.moveaxis(out, -1, -4))
+        return out
     from . import _gpu
 
-    return _gpu.conv_transpose3d(x, w, bias, p, out)
+    return _gpu.conv_transpose3d(x, w, bias, p, out, precision=precision, layout=layout)

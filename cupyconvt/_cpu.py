@@ -4,7 +4,9 @@ For each tap (kd, kh, kw) the contribution of every input voxel is one matrix pr
 input channels of a group, ``W_tap[g] (C_out_g x C_in_g) @ X[g] (C_in_g x N*D*H*W)``, scattered
 with a strided add into the uncropped output ``(D-1)*s + dil*(k-1) + 1`` long per axis; the result
 is the window ``[padding, padding + out_size)`` of it. The Python loop runs over taps only.
-float16 and bfloat16 are computed in float32 and rounded once at the end.
+float16 and bfloat16 are computed in float32 and rounded once at the end. The float32 precision
+policy (``_precision.py``) is for the GPU: here float32 is IEEE float32 at every precision, at
+least as accurate as asked.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ def conv_transpose3d(
     p: ConvParams,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Compute ``conv_transpose3d`` for already validated NumPy inputs (see ``ConvParams``)."""
+    """Compute ``conv_transpose3d`` for already validated NumPy inputs (see ``ConvParams``).
+
+    ``x`` and ``out`` are in NCDHW order, with any strides (channels-last arrays come as views).
+    """
     dtype = x.dtype
     acc = compute_dtype(dtype_name(dtype))
     G, cig, cog = p.groups, p.C_in_g, p.C_out_g
@@ -78,5 +83,7 @@ def conv_transpose3d(
         result = result + np.asarray(bias).astype(acc).reshape(1, p.C_out, 1, 1, 1)
     if out is None:
         out = np.empty(p.out_shape, dtype=dtype)
-    out.reshape(p.out_shape5)[...] = result  # rounds once to the input dtype
+    # Reshape the result, not out: out may be a strided view (a channels-last result seen in
+    # NCDHW order), which a reshape could silently copy. The assignment rounds once to out's dtype.
+    out[...] = result.reshape(p.out_shape)
     return out

@@ -6,8 +6,10 @@ from functools import cache
 from typing import Any
 
 from ._dtypes import dtype_name
+from ._layout import from_logical_shape
 from ._params import ConvParams
 from ._select import DeviceInfo, select
+from ._tc import transpose
 
 
 @cache
@@ -26,10 +28,19 @@ def device_info(device_id: int) -> DeviceInfo:
 
 
 def conv_transpose3d(
-    x: Any, w: Any, bias: Any, p: ConvParams, out: Any = None, family: str | None = None
+    x: Any,
+    w: Any,
+    bias: Any,
+    p: ConvParams,
+    out: Any = None,
+    family: str | None = None,
+    precision: str = "highest",
+    layout: str = "NCDHW",
 ) -> Any:
     """Compute ``conv_transpose3d`` for validated CuPy inputs on ``x``'s device.
 
+    ``x`` and ``out`` are in ``layout`` ("NCDHW", or channels-last "NDHWC"); ``p`` describes the
+    problem in NCDHW terms. ``precision`` is the float32 policy (already validated).
     ``family`` forces a kernel family (see ``cupyconvt._select``); by default the selector picks.
     """
     import cupy
@@ -37,21 +48,44 @@ def conv_transpose3d(
     device_id = x.data.device_id
     if cupy.cuda.runtime.getDevice() != device_id:  # switch only when needed: it costs a few us
         with cupy.cuda.Device(device_id):
-            return _run(cupy, x, w, bias, p, out, family, device_id)
-    return _run(cupy, x, w, bias, p, out, family, device_id)
+            return _run(cupy, x, w, bias, p, out, family, device_id, precision, layout)
+    return _run(cupy, x, w, bias, p, out, family, device_id, precision, layout)
 
 
-def _run(cupy: Any, x: Any, w: Any, bias: Any, p: ConvParams, out: Any, family, device_id) -> Any:
+def _run(
+    cupy: Any,
+    x: Any,
+    w: Any,
+    bias: Any,
+    p: ConvParams,
+    out: Any,
+    family: str | None,
+    device_id: int,
+    precision: str,
+    layout: str,
+) -> Any:
     if not x.flags.c_contiguous:
         x = cupy.ascontiguousarray(x)
     if not w.flags.c_contiguous:
         w = cupy.ascontiguousarray(w)
     if bias is not None and not bias.flags.c_contiguous:
         bias = cupy.ascontiguousarray(bias)
+    channels_last = layout == "NDHWC"
     if out is None:
-        out = cupy.empty(p.out_shape, dtype=x.dtype)
+        out = cupy.empty(from_logical_shape(p.out_shape, layout), dtype=x.dtype)
     if out.size == 0:
         return out
-    plan = select(p, dtype_name(x.dtype), device_info(device_id), family)
-    plan.launch(x, w, bias, out)
+    plan = select(p, dtype_name(x.dtype), device_info(device_id), family, precision)
+    if plan.family == "tc":
+        plan.launch(x, w, bias, out, channels_last)
+    elif not channels_last:
+        plan.launch(x, w, bias, out)
+    else:  # the CUDA-core families read and write NCDHW: transpose around them
+        spatial = p.in_size[0] * p.in_size[1] * p.in_size[2]
+        out_spatial = p.out_size[0] * p.out_size[1] * p.out_size[2]
+        x_ncdhw = cupy.empty(p.x_shape5, dtype=x.dtype)
+        transpose(x, x_ncdhw, p.N, spatial, p.C_in)
+        out_ncdhw = cupy.empty(p.out_shape5, dtype=x.dtype)
+        plan.launch(x_ncdhw, w, bias, out_ncdhw)
+        transpose(out_ncdhw, out, p.N, p.C_out, out_spatial)
     return out

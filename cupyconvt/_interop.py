@@ -82,6 +82,19 @@ def _cupy_stream(cupy: Any, ptr: int, device: int) -> Any:
     return cupy.cuda.ExternalStream(ptr, device)
 
 
+def _is_channels_last(x: Any) -> bool:
+    """Whether ``x`` is a batched tensor laid out channels last (and not also plain contiguous).
+
+    Shapes where both formats coincide (one channel, or one voxel) take the plain path.
+    """
+    torch = sys.modules["torch"]
+    return (
+        x.dim() == 5
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+    )
+
+
 def conv_transpose3d_torch(
     x: Any,
     w: Any,
@@ -91,19 +104,32 @@ def conv_transpose3d_torch(
     output_padding: IntOrTriple,
     groups: int,
     dilation: IntOrTriple,
+    precision: str = "highest",
 ) -> Any:
+    """``conv_transpose3d`` on torch tensors; ``precision`` is already resolved.
+
+    A ``channels_last_3d`` input gives a ``channels_last_3d`` result, as torch's own convolution
+    does; on the GPU both go to the backend as NDHWC views, without a copy.
+    """
     torch = sys.modules["torch"]
     _check(x, w, bias)
     p = ConvParams.from_args(
         x.shape, w.shape, None if bias is None else bias.shape,
         stride, padding, output_padding, groups, dilation,
     )  # fmt: skip
-    result = torch.empty(p.out_shape, dtype=x.dtype, device=x.device)
+    channels_last = _is_channels_last(x)
+    if channels_last:
+        result = torch.empty(
+            p.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d
+        )
+    else:
+        result = torch.empty(p.out_shape, dtype=x.dtype, device=x.device)
     if result.numel() == 0:
         return result
     if x.device.type == "cpu":
         from . import _cpu
 
+        # NumPy views keep the tensors' strides, so channels-last needs nothing more here.
         _cpu.conv_transpose3d(
             _to_numpy(x), _to_numpy(w), None if bias is None else _to_numpy(bias), p,
             out=_to_numpy(result),
@@ -114,11 +140,16 @@ def conv_transpose3d_torch(
 
     from . import _gpu
 
+    x_in, out_view, layout = x.detach(), result, "NCDHW"
+    if channels_last:  # (N, C, D, H, W) with channels-last strides is a C-contiguous NDHWC view
+        x_in, out_view, layout = x_in.permute(0, 2, 3, 4, 1), result.permute(0, 2, 3, 4, 1), "NDHWC"
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     stream = _cupy_stream(cupy, torch.cuda.current_stream(index).cuda_stream, index)
     with cupy.cuda.Device(index), stream:
-        xc = cupy.from_dlpack(x.detach())
+        xc = cupy.from_dlpack(x_in)
         wc = cupy.from_dlpack(w.detach())
         bc = None if bias is None else cupy.from_dlpack(bias.detach())
-        _gpu.conv_transpose3d(xc, wc, bc, p, out=cupy.from_dlpack(result))
+        _gpu.conv_transpose3d(
+            xc, wc, bc, p, out=cupy.from_dlpack(out_view), precision=precision, layout=layout
+        )
     return result

@@ -15,21 +15,28 @@ from ._grouped import GroupedPlan, grouped_module
 from ._igemm import IgemmPlan, igemm_module
 from ._params import ConvParams
 from ._plans import CPP_TYPE, DirectPlan, direct_module
+from ._tc import TcPlan, all_tc_modules, layout_module
 
-Plan = DirectPlan | GroupedPlan | IgemmPlan
-FAMILIES = ("igemm", "grouped", "direct")
+Plan = DirectPlan | GroupedPlan | IgemmPlan | TcPlan
+FAMILIES = ("tc", "igemm", "grouped", "direct")
 
 #: A GEMM pays once both of its small dimensions fill a tile reasonably: below these channel
 #: counts per group the table-driven gather (grouped.cu) moves the same bytes with less overhead.
 IGEMM_MIN_C_IN_G = 8
 IGEMM_MIN_C_OUT_G = 16
+#: The tensor-core GEMM pays from 16 channels per group on both sides (an MMA tile is 16 x 8 x 16;
+#: narrower layers are memory-bound and stay on the gather).
+TC_MIN_CHANNELS = 16
 #: The autotuner also times the direct kernel on problems this small (it is slow on big ones).
 DIRECT_TUNE_MAX_MACS = 10**8
 
 
 def all_modules() -> list[KernelModule]:
     """Every kernel module the runtime may compile (what the CI compile test builds)."""
-    return [f(d) for d in CPP_TYPE for f in (direct_module, grouped_module, igemm_module)]
+    return [f(d) for d in CPP_TYPE for f in (direct_module, grouped_module, igemm_module)] + [
+        layout_module(),
+        *all_tc_modules(),
+    ]
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,8 +54,13 @@ class DeviceInfo:
     max_shared_per_block_optin: int
 
 
-def eligible(p: ConvParams, dtype: str, family: str) -> bool:
-    """Whether ``family`` can run ``p`` at all (any problem runs on ``direct``)."""
+def eligible(
+    p: ConvParams, dtype: str, family: str, precision: str = "highest", cc: int = 90
+) -> bool:
+    """Whether ``family`` can run ``p`` at all (any problem runs on ``direct``). ``precision``
+    (float32 only) and the compute capability ``cc`` matter to the tensor-core family alone."""
+    if family == "tc":
+        return TcPlan.eligible(p, dtype, precision, cc)
     if family == "igemm":
         return IgemmPlan.eligible(p, dtype)
     if family == "grouped":
@@ -76,7 +88,9 @@ def _problem(p: ConvParams) -> tuple:
             p.output_padding, p.dilation, p.has_bias)  # fmt: skip
 
 
-def _build(p: ConvParams, dtype: str, dev: DeviceInfo, family: str) -> Plan:
+def _build(p: ConvParams, dtype: str, dev: DeviceInfo, family: str, precision: str) -> Plan:
+    if family == "tc":
+        return TcPlan.build(p, dtype, precision, dev.sm_count)
     if family == "igemm":
         return IgemmPlan.build(p, dtype, dev.sm_count)
     if family == "grouped":
@@ -117,34 +131,50 @@ def _time_plan(plan: Plan, p: ConvParams, dtype: str, repeat: int = 5) -> float:
     return float(np.median(times))
 
 
-def _autotuned_family(p: ConvParams, dtype: str, dev: DeviceInfo, families: list[str]) -> str:
-    """The fastest of ``families``, timed once per (device, dtype, problem) and kept on disk."""
-    key = _autotune.problem_key(dev.name, dtype, _problem(p))
+def _autotuned_family(
+    p: ConvParams, dtype: str, dev: DeviceInfo, families: list[str], precision: str
+) -> str:
+    """The fastest of ``families``, timed once per (device, dtype, precision, problem) and kept
+    on disk."""
+    tag = dtype if dtype != "float32" or precision == "highest" else f"{dtype}/{precision}"
+    key = _autotune.problem_key(dev.name, tag, _problem(p))
     return _autotune.choose(
-        key, families, lambda fam: _time_plan(_build(p, dtype, dev, fam), p, dtype)
+        key, families, lambda fam: _time_plan(_build(p, dtype, dev, fam, precision), p, dtype)
     )
 
 
 @lru_cache(maxsize=1024)
-def select(p: ConvParams, dtype: str, dev: DeviceInfo, family: str | None = None) -> Plan:
+def select(
+    p: ConvParams,
+    dtype: str,
+    dev: DeviceInfo,
+    family: str | None = None,
+    precision: str = "highest",
+) -> Plan:
     """Choose the kernel and launch configuration for ``p`` in ``dtype`` on ``dev``.
 
-    ``family`` forces a kernel family (tests and benchmarks); it must be eligible. With
-    autotuning on (``cupyconvt.set_autotune(True)`` or ``CUPYCONVT_AUTOTUNE=1``) the first
-    call for a problem times every eligible family and the winner is cached on disk.
+    ``precision`` ("highest", "high" or "medium") is the float32 policy: the tensor-core family
+    runs float32 only under "high" (3xTF32) or "medium" (TF32); the other families compute IEEE
+    float32 under any policy. ``family`` forces a kernel family (tests and benchmarks); it must
+    be eligible. With autotuning on (``cupyconvt.set_autotune(True)`` or
+    ``CUPYCONVT_AUTOTUNE=1``) the first call for a problem times every eligible family and the
+    winner is cached on disk.
     """
+    cc = dev.compute_capability
     if family is None:
         wide = p.C_in_g >= IGEMM_MIN_C_IN_G and p.C_out_g >= IGEMM_MIN_C_OUT_G
         order = ["igemm", "grouped"] if wide else ["grouped", "igemm"]
+        if p.C_in_g >= TC_MIN_CHANNELS and p.C_out_g >= TC_MIN_CHANNELS:
+            order.insert(0, "tc")
         if p.useful_macs < DIRECT_TUNE_MAX_MACS:
             order.append("direct")
-        candidates = [f for f in order if eligible(p, dtype, f)]
+        candidates = [f for f in order if eligible(p, dtype, f, precision, cc)]
         if not candidates:
             family = "direct"
         elif len(candidates) > 1 and _autotune.enabled():
-            family = _autotuned_family(p, dtype, dev, candidates)
+            family = _autotuned_family(p, dtype, dev, candidates, precision)
         else:
             family = candidates[0]
-    elif not eligible(p, dtype, family):
+    elif not eligible(p, dtype, family, precision, cc):
         raise ValueError(f"kernel family {family!r} cannot run this problem")
-    return _build(p, dtype, dev, family)
+    return _build(p, dtype, dev, family, precision)

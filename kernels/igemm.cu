@@ -23,11 +23,6 @@
 
 namespace cct {
 
-// Per-phase table built on the host (cupyconvt/_igemm.py): PHASE_HDR ints per phase
-// (o0_d, o0_h, o0_w, Q_D, Q_H, Q_W, taps, 0), then max_taps entries of 4 ints
-// (off_d, off_h, off_w, w_tap) where w_tap = (kd*kH + kh)*kW + kw.
-constexpr int PHASE_HDR = 8;
-
 // Fragments of N accumulators read from (or written to) shared memory with vector accesses.
 template <typename A, int N> struct Frag;
 template <> struct Frag<float, 4> {
@@ -63,12 +58,6 @@ template <> struct Frag<double, 2> {
     }
 };
 
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
 // One element of x into shared memory as an accumulator, zero where !ok. float and double go by
 // cp.async (asynchronous, zero-filled); the 16-bit types are converted through registers.
 template <typename T> struct GatherX {
@@ -96,45 +85,6 @@ template <> struct GatherX<double> {
 #endif
     }
 };
-// 16 aligned bytes of packed weights into shared memory.
-__device__ __forceinline__ void copy16(void* dst, const void* src) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src)
-                 : "memory");
-#else
-    *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
-#endif
-}
-__device__ __forceinline__ void cp_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N> __device__ __forceinline__ void cp_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
-// (n, qd, qh, qw) of phase voxel m, in 32-bit arithmetic when m fits.
-__device__ __forceinline__ void split_voxel(i64 m, i64 QD, i64 QH, i64 QW, i64& n, int& qd, int& qh,
-                                            int& qw) {
-    if (m < 2147483647LL) {
-        u32 r = static_cast<u32>(m);
-        const u32 qw_ = r % static_cast<u32>(QW); r /= static_cast<u32>(QW);
-        const u32 qh_ = r % static_cast<u32>(QH); r /= static_cast<u32>(QH);
-        qd = static_cast<int>(r % static_cast<u32>(QD));
-        n = r / static_cast<u32>(QD);
-        qw = static_cast<int>(qw_); qh = static_cast<int>(qh_);
-    } else {
-        i64 r = m;
-        qw = static_cast<int>(r % QW); r /= QW;
-        qh = static_cast<int>(r % QH); r /= QH;
-        qd = static_cast<int>(r % QD);
-        n = r / QD;
-    }
-}
-
 }  // namespace cct
 // Packs w (C_in, C_out_g, kD, kH, kW) into wp[g][phase][tap][ci_pad][co_pad] in the accumulator
 // type, zero where the tap, ci or co does not exist, so the GEMM reads it with no bounds checks.

@@ -1,0 +1,141 @@
+"""Time tensor-core tile variants (cupyconvt/_tc.py) on benchmark shapes, per dtype and float32
+precision, each checked first against torch's float64 conv_transpose3d on the same inputs
+(NaN-poisoned output), beside cuDNN in the matching mode (half precision: the faster of NCDHW and
+channels_last_3d; "medium": TF32 on; "high": TF32 off).
+
+    PYTHONPATH=. python benchmarks/tc_variants.py --modes float16,float32/high [--only kb61_cube_k3]
+"""
+
+# The lambdas in the loops are timed (called) at once, inside their iteration.
+# ruff: noqa: B023
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import TOL, case_inputs, default_cases, time_ms  # noqa: E402  (beside this script)
+
+from cupyconvt._tc import TcPlan, pick_tile, tc_tiles  # noqa: E402
+
+#: Relative-norm bar per mode; half precision is also held to 2x cuDNN's own error.
+MODE_TOL = {"float16": TOL["float16"], "bfloat16": TOL["bfloat16"], "float32/high": 1e-5,
+            "float32/medium": 5e-3}  # fmt: skip
+
+
+def cast(x: Any, dtype: str) -> Any:
+    """A float32 CuPy array in ``dtype`` (bfloat16 rounded by torch, viewed through ml_dtypes)."""
+    import cupy
+    import torch
+
+    if dtype != "bfloat16":
+        return x.astype(dtype)
+    import ml_dtypes
+
+    t = torch.from_dlpack(x).to(torch.bfloat16).view(torch.int16)
+    return cupy.from_dlpack(t).view(ml_dtypes.bfloat16)
+
+
+def as_torch(a: Any) -> Any:
+    import torch
+
+    if a is None:
+        return None
+    if a.dtype.itemsize == 2 and a.dtype.name != "float16":  # ml_dtypes bfloat16
+        import cupy
+
+        return torch.from_dlpack(a.view(cupy.int16)).view(torch.bfloat16)
+    return torch.from_dlpack(a)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="float16,bfloat16,float32/high,float32/medium")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--tiles", default="", help="comma-separated BMxBNkBK filters, e.g. 256x64k32")
+    ap.add_argument("--all-tiles", action="store_true", help="every tile, not only the narrow ones")
+    ap.add_argument("--cases", type=Path, default=default_cases())
+    args = ap.parse_args()
+    import cupy
+    import torch
+
+    torch.backends.cudnn.benchmark = True
+    sm = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+    cases = json.loads(args.cases.read_text())["cases"]
+    cases = [c for c in cases if not args.only or c["name"] in args.only.split(",")]
+    f = torch.nn.functional.conv_transpose3d
+    ok_all = True
+    for c in cases:
+        kw, x32, w32, b32, p = case_inputs(c, "float32")
+        ref = f(*(None if a is None else torch.from_dlpack(a).double() for a in (x32, w32, b32)),
+                **kw)  # fmt: skip
+        rnorm = float(ref.norm())
+        flops = 2 * p.useful_macs
+        for mode in args.modes.split(","):
+            dtype, _, precision = mode.partition("/")
+            precision = precision or "highest"
+            if not TcPlan.eligible(p, dtype, precision):
+                print(f"{c['name']} {mode}: not eligible", flush=True)
+                continue
+            x, w = cast(x32, dtype), cast(w32, dtype)
+            b = None if b32 is None else cast(b32, dtype)
+            xt, wt, bt = as_torch(x), as_torch(w), as_torch(b)
+            torch.backends.cudnn.allow_tf32 = precision == "medium"
+            torch_ms = time_ms(lambda: f(xt, wt, bt, **kw), 2, args.repeat)
+            t_out = f(xt, wt, bt, **kw)
+            torch_err = float((t_out.double() - ref).norm()) / rnorm
+            line = f"{c['name']} {mode}: cuDNN NCDHW {torch_ms:.3f} ms"
+            if dtype != "float32":
+                cl = torch.channels_last_3d
+                xc, wc = xt.to(memory_format=cl), wt.to(memory_format=cl)
+                cl_ms = time_ms(lambda: f(xc, wc, bt, **kw), 2, args.repeat)
+                line += f", channels_last {cl_ms:.3f} ms"
+                torch_ms = min(torch_ms, cl_ms)
+            print(f"{line} ({flops / torch_ms / 1e9:.1f} TFLOP/s), err {torch_err:.1e}",
+                  flush=True)  # fmt: skip
+            tol = MODE_TOL[mode]
+            if dtype != "float32" or precision == "medium":
+                tol = min(tol, 2 * torch_err) if torch_err > 0 else tol
+            picked = pick_tile(p, dtype)
+            x_cl = cupy.ascontiguousarray(cupy.moveaxis(x, 1, -1))
+            for t in tc_tiles(dtype):
+                name = f"{t.BM}x{t.BN}k{t.BK}"
+                if args.tiles and name not in args.tiles.split(","):
+                    continue
+                if not args.tiles and not args.all_tiles and t.BN > 2 * picked.BN:
+                    continue
+                plan = TcPlan.build(p, dtype, precision, sm, tile=t)
+                out = cupy.full(p.out_shape, np.nan, dtype=x.dtype)
+                plan.launch(x, w, b, out)
+                err = float((as_torch(out).double() - ref).norm()) / rnorm
+                again = cupy.full(p.out_shape, np.nan, dtype=x.dtype)
+                plan.launch(x, w, b, again)
+                rep = bool((again.view(cupy.uint8) == out.view(cupy.uint8)).all())
+                good = err <= tol and rep
+                ok_all &= good
+                ms = time_ms(lambda: plan.launch(x, w, b, out), 3, args.repeat)
+                out_cl = cupy.empty(p.out_shape[:1] + p.out_shape[2:] + p.out_shape[1:2], x.dtype)
+                ms_cl = time_ms(lambda: plan.launch(x_cl, w, b, out_cl, True), 3, args.repeat)
+                mark = "*" if t == picked else " "
+                print(f"  {mark} {name} {t.WM}x{t.WN}w st{t.STAGES} mb{t.MINB} smem {plan.smem} "
+                      f"grid{plan.grid}: NCDHW {ms:.3f} ms ({flops / ms / 1e9:.1f} TFLOP/s, "
+                      f"{torch_ms / ms:.2f}x), NDHWC {ms_cl:.3f} ms ({torch_ms / ms_cl:.2f}x) "
+                      f"err {err:.1e} rep {rep} {'OK' if good else 'FAIL'}", flush=True)  # fmt: skip
+                del out, again, out_cl
+            del x, w, b, xt, wt, bt, x_cl, t_out
+            cupy.get_default_memory_pool().free_all_blocks()
+            torch.cuda.empty_cache()
+        del ref
+    print("all correct:", ok_all)
+    return 0 if ok_all else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+// Tensor-core implicit-GEMM transposed 3D convolution (mma.sync, sm_80+), one GEMM per output
+// stride phase, on a channels-last (NDHWC) input.
+//
+// As in igemm.cu, the outputs of one stride phase form a dense stride-1 correlation:
+//
+//   out[n, g*C_out_g + co, o0 + q*s]  =  bias[co] + sum_{tap t of the phase, ci < C_in_g}
+//                                        x[n, q + off_t, g*C_in_g + ci] * w[g*C_in_g + ci, co, t]
+//
+// a GEMM with M = N * Q_D * Q_H * Q_W phase voxels, N = C_out_g, K = taps * C_in_g. With x in
+// NDHWC the K run of one (voxel, tap) is contiguous, so A rows and the packed weights
+// wp[g][phase][tap][co][ci] (B, K-major) both move 16 bytes per cp.async, and both sit in shared
+// memory K-contiguous, rows padded by 16 bytes (conflict-free ldmatrix and 32-bit fragment reads).
+//
+// MODE picks the arithmetic (float32 accumulation in every mode):
+//   0  float16 / bfloat16 operands, mma m16n8k16 fed by ldmatrix;
+//   1  TF32 ("medium"): float32 operands rounded to TF32 (cvt.rna), mma m16n8k8;
+//   2  3xTF32 ("high"): each operand split as big = tf32(v), small = tf32(v - big), and
+//      a*b ~ small_a*big_b + big_a*small_b + big_a*big_b (three MMAs): float32 accuracy.
+//
+// Work split: blockIdx.z = (group, phase), blockIdx.y = a BN-wide slice of output channels,
+// blockIdx.x = a BM-long run of phase voxels. WM x WN warps; a warp owns a (BM/WM) x (BN/WN) tile
+// of 16 x 8 MMA tiles. The K loop walks (tap, BK input channels) chunks through a STAGES-deep
+// cp.async ring, one barrier per chunk. Every phase is launched: a phase with no taps runs no K
+// chunk and its epilogue writes the bias (or zero). The epilogue stages the C tile through shared
+// memory so that stores are coalesced: runs of voxels of one channel (NCDHW out) or runs of
+// channels of one voxel (NDHWC out). Each output element is written once: deterministic.
+#include "common.cuh"
+
+namespace cct {
+
+// D = A * B + D on one 16 x 8 tile (A row-major 16 x k, B column-major k x 8).
+template <typename T> __device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b);
+template <> __device__ __forceinline__ void mma_16816<half_t>(float* d, const u32* a, const u32* b) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma_16816<bf16_t>(float* d, const u32* a, const u32* b) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_1688_tf32(float* d, const u32* a, const u32* b) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void ldsm_x4(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x2(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ u32 to_tf32(float v) {
+    u32 r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+    return r;
+}
+// big = tf32(v), small = tf32(v - big): big + small carries v to about 2^-22 relative.
+__device__ __forceinline__ void split_tf32(float v, u32& big, u32& small) {
+    big = to_tf32(v);
+    float rest;
+    asm("sub.rn.f32 %0, %1, %2;" : "=f"(rest) : "f"(v), "f"(__uint_as_float(big)));
+    small = to_tf32(rest);
+}
+
+}  // namespace cct
+
+// Packs w (C_in, C_out_g, kD, kH, kW) into wp[g][phase][tap][co_pad][ci_pad] (K-major B of each
+// phase's GEMM), zero where the tap, ci or co does not exist: the GEMM reads it unchecked.
+template <typename T>
+__global__ void tc_pack_weights(const T* __restrict__ w, T* __restrict__ wp,
+                                const int* __restrict__ table,
+                                const cct::ConvGeom* __restrict__ geom, const int phases,
+                                const int max_taps, const int ci_pad, const int co_pad) {
+    const cct::ConvGeom g = *geom;
+    const i64 taps_all = g.kD * g.kH * g.kW;
+    const i64 total = g.groups * static_cast<i64>(phases) * max_taps * ci_pad * co_pad;
+    const int stride_tab = cct::PHASE_HDR + 4 * max_taps;
+    for (i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+         e += static_cast<i64>(gridDim.x) * blockDim.x) {
+        i64 r = e;
+        const int ci = static_cast<int>(r % ci_pad); r /= ci_pad;
+        const int co = static_cast<int>(r % co_pad); r /= co_pad;
+        const int t = static_cast<int>(r % max_taps); r /= max_taps;
+        const int ph = static_cast<int>(r % phases);
+        const i64 grp = r / phases;
+        const int* tab = table + ph * stride_tab;
+        T v = cct::from_acc<T>(0.0f);
+        if (t < __ldg(tab + 6) && ci < g.C_in_g && co < g.C_out_g) {
+            const int w_tap = __ldg(tab + cct::PHASE_HDR + 4 * t + 3);
+            v = w[((grp * g.C_in_g + ci) * g.C_out_g + co) * taps_all + w_tap];
+        }
+        wp[e] = v;
+    }
+}
+
+template <typename T, int MODE, int BM, int BN, int BK, int WM, int WN, int STAGES, int MINB,
+          bool CL_OUT>
+__global__ void __launch_bounds__(WM * WN * 32, MINB)
+tc_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* __restrict__ bias,
+                    T* __restrict__ out, const int* __restrict__ table,
+                    const cct::ConvGeom* __restrict__ geom, const int phases, const int max_taps,
+                    const int ci_pad, const int co_pad) {
+    constexpr int NT = WM * WN * 32;
+    constexpr int VEC = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte copy
+    constexpr int P = BK + VEC;                            // shared row pitch, elements
+    constexpr int WTM = BM / WM, WTN = BN / WN;            // warp tile
+    constexpr int MT = WTM / 16, NTL = WTN / 8;            // MMA tiles per warp
+    constexpr int KSTEP = MODE == 0 ? 16 : 8;
+    constexpr int ROW_VECS = BK / VEC;
+    constexpr int ROW_STEP = NT / ROW_VECS;  // rows between one thread's copies
+    constexpr int A_PER = BM / ROW_STEP;
+    constexpr int B_PER = (BN * ROW_VECS + NT - 1) / NT;
+    constexpr int A_STAGE = BM * P, B_STAGE = BN * P;
+    static_assert(WTM % 16 == 0 && WTN % 8 == 0 && BK % KSTEP == 0, "whole MMA tiles");
+    static_assert(NT % ROW_VECS == 0 && BM % ROW_STEP == 0, "A rows split evenly");
+    static_assert(MODE == 0 ? sizeof(T) == 2 : sizeof(T) == 4, "MODE matches the type");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* const As = reinterpret_cast<T*>(smem_raw);  // [STAGES][BM][P]
+    T* const Bs = As + STAGES * A_STAGE;           // [STAGES][BN][P]
+    __shared__ i64 out_off[BM];  // output offset of each voxel of the tile (channel 0), -1 if none
+
+    const cct::ConvGeom& g = *geom;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int grp = blockIdx.z / phases;
+    const int ph = blockIdx.z - grp * phases;
+    const int* tab = table + ph * (cct::PHASE_HDR + 4 * max_taps);
+    const i64 QD = tab[3], QH = tab[4], QW = tab[5];
+    const int taps = tab[6];
+    const i64 M = g.N * QD * QH * QW;
+    const i64 m0 = static_cast<i64>(blockIdx.x) * BM;
+    if (m0 >= M) return;
+    const i64 oVol = g.oD * g.oH * g.oW;
+    const i64 C_in = g.C_in, C_out = g.C_out;
+
+    for (int ml = tid; ml < BM; ml += NT) {
+        const i64 m = m0 + ml;
+        i64 v = -1;
+        if (m < M) {
+            i64 n; int qd, qh, qw;
+            cct::split_voxel(m, QD, QH, QW, n, qd, qh, qw);
+            const i64 vox = ((tab[0] + qd * g.sD) * g.oH + tab[1] + qh * g.sH) * g.oW + tab[2] +
+                            qw * g.sW;
+            v = CL_OUT ? (n * oVol + vox) * C_out + static_cast<i64>(grp) * g.C_out_g
+                       : (n * C_out + static_cast<i64>(grp) * g.C_out_g) * oVol + vox;
+        }
+        out_off[ml] = v;
+    }
+
+    // The A rows this thread copies (one 16-byte column of each): fixed over the K loop.
+    const int a_col = tid % ROW_VECS;
+    int ld_qd[A_PER], ld_qh[A_PER], ld_qw[A_PER];
+    const T* ld_base[A_PER];
+#pragma unroll
+    for (int j = 0; j < A_PER; ++j) {
+        const i64 m = m0 + tid / ROW_VECS + j * ROW_STEP;
+        i64 n = 0;
+        ld_qd[j] = 0; ld_qh[j] = 0; ld_qw[j] = 0;
+        if (m < M) cct::split_voxel(m, QD, QH, QW, n, ld_qd[j], ld_qh[j], ld_qw[j]);
+        else ld_qd[j] = -(1 << 30);  // never inside the input
+        ld_base[j] = x + n * g.D * g.H * g.W * C_in + static_cast<i64>(grp) * g.C_in_g + a_col * VEC;
+    }
+
+    const int chunks = taps * (ci_pad / BK);
+    const int C_in_g = static_cast<int>(g.C_in_g);
+    const u32 D = static_cast<u32>(g.D), H = static_cast<u32>(g.H), W = static_cast<u32>(g.W);
+    const T* w_next = wp + ((static_cast<i64>(grp) * phases + ph) * max_taps * co_pad +
+                            static_cast<i64>(blockIdx.y) * BN) * ci_pad;
+    const int* tap = tab + cct::PHASE_HDR;  // the tap of the next chunk to issue
+    int it_c = 0;                            // its first input channel
+
+    auto issue = [&](int stage) {
+        const int off_d = __ldg(tap), off_h = __ldg(tap + 1), off_w = __ldg(tap + 2);
+        T* as = As + stage * A_STAGE;
+        const bool ch_ok = it_c + a_col * VEC < C_in_g;
+#pragma unroll
+        for (int j = 0; j < A_PER; ++j) {
+            const int id = ld_qd[j] + off_d, ih = ld_qh[j] + off_h, iw = ld_qw[j] + off_w;
+            const bool ok = ch_ok && static_cast<u32>(id) < D && static_cast<u32>(ih) < H &&
+                            static_cast<u32>(iw) < W;
+            const T* src = ld_base[j] + ((static_cast<i64>(id) * H + ih) * W + iw) * C_in + it_c;
+            const int row = tid / ROW_VECS + j * ROW_STEP;
+            cct::cp_async16_or_zero(as + row * P + a_col * VEC, ok ? src : x, ok);
+        }
+        T* bs = Bs + stage * B_STAGE;
+        const T* wsrc = w_next + it_c;
+#pragma unroll
+        for (int i = 0; i < B_PER; ++i) {
+            const int e = tid + i * NT;
+            if ((BN * ROW_VECS) % NT == 0 || e < BN * ROW_VECS) {
+                const int n = e / ROW_VECS, v = e - n * ROW_VECS;
+                cct::copy16(bs + n * P + v * VEC, wsrc + static_cast<i64>(n) * ci_pad + v * VEC);
+            }
+        }
+        it_c += BK;
+        if (it_c == ci_pad) {
+            it_c = 0;
+            tap += 4;
+            w_next += static_cast<i64>(co_pad) * ci_pad;
+        }
+    };
+
+    const int wm = warp % WM, wn = warp / WM;
+    float acc[MT][NTL][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NTL; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < chunks) issue(s);
+        cct::cp_commit();
+    }
+    const int gq = lane >> 2, tq = lane & 3;  // MMA fragment row group and thread in group
+    for (int c = 0; c < chunks; ++c) {
+        cct::cp_wait<STAGES - 2>();
+        __syncthreads();  // chunk c landed for every thread; its ring slot minus one was read by all
+        if (c + STAGES - 1 < chunks) issue((c + STAGES - 1) % STAGES);
+        cct::cp_commit();
+        const T* as = As + (c % STAGES) * A_STAGE + (wm * WTM) * P;
+        const T* bs = Bs + (c % STAGES) * B_STAGE + (wn * WTN) * P;
+#pragma unroll
+        for (int ks = 0; ks < BK; ks += KSTEP) {
+            if constexpr (MODE == 0) {
+                u32 a[MT][4], b[NTL][2];
+#pragma unroll
+                for (int i = 0; i < MT; ++i)
+                    cct::ldsm_x4(a[i], cct::smem_addr(as + (i * 16 + (lane & 15)) * P + ks +
+                                                      (lane >> 4) * 8));
+#pragma unroll
+                for (int j = 0; j + 1 < NTL; j += 2) {
+                    u32 r[4];
+                    cct::ldsm_x4(r, cct::smem_addr(bs + (j * 8 + (lane >> 4) * 8 + (lane & 7)) * P +
+                                                   ks + ((lane >> 3) & 1) * 8));
+                    b[j][0] = r[0]; b[j][1] = r[1]; b[j + 1][0] = r[2]; b[j + 1][1] = r[3];
+                }
+                if (NTL % 2 == 1) {
+                    cct::ldsm_x2(b[NTL - 1], cct::smem_addr(bs + ((NTL - 1) * 8 + (lane & 7)) * P +
+                                                            ks + ((lane >> 3) & 1) * 8));
+                }
+#pragma unroll
+                for (int i = 0; i < MT; ++i)
+#pragma unroll
+                    for (int j = 0; j < NTL; ++j) cct::mma_16816<T>(acc[i][j], a[i], b[j]);
+            } else {
+                const float* af = reinterpret_cast<const float*>(as);
+                const float* bf = reinterpret_cast<const float*>(bs);
+                float av[MT][4], bv[NTL][2];
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    const float* p0 = af + (i * 16 + gq) * P + ks + tq;
+                    av[i][0] = p0[0];
+                    av[i][1] = p0[8 * P];
+                    av[i][2] = p0[4];
+                    av[i][3] = p0[8 * P + 4];
+                }
+#pragma unroll
+                for (int j = 0; j < NTL; ++j) {
+                    const float* p0 = bf + (j * 8 + gq) * P + ks + tq;
+                    bv[j][0] = p0[0];
+                    bv[j][1] = p0[4];
+                }
+                if constexpr (MODE == 1) {
+                    u32 a[MT][4], b[NTL][2];
+#pragma unroll
+                    for (int i = 0; i < MT; ++i)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) a[i][r] = cct::to_tf32(av[i][r]);
+#pragma unroll
+                    for (int j = 0; j < NTL; ++j)
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) b[j][r] = cct::to_tf32(bv[j][r]);
+#pragma unroll
+                    for (int i = 0; i < MT; ++i)
+#pragma unroll
+                        for (int j = 0; j < NTL; ++j) cct::mma_1688_tf32(acc[i][j], a[i], b[j]);
+                } else {
+                    u32 ab[MT][4], as_[MT][4], bb[NTL][2], bs_[NTL][2];
+#pragma unroll
+                    for (int i = 0; i < MT; ++i)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) cct::split_tf32(av[i][r], ab[i][r], as_[i][r]);
+#pragma unroll
+                    for (int j = 0; j < NTL; ++j)
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) cct::split_tf32(bv[j][r], bb[j][r], bs_[j][r]);
+#pragma unroll
+                    for (int i = 0; i < MT; ++i)
+#pragma unroll
+                        for (int j = 0; j < NTL; ++j) {
+                            cct::mma_1688_tf32(acc[i][j], as_[i], bb[j]);
+                            cct::mma_1688_tf32(acc[i][j], ab[i], bs_[j]);
+                            cct::mma_1688_tf32(acc[i][j], ab[i], bb[j]);
+                        }
+                }
+            }
+        }
+    }
+    cct::cp_wait<0>();
+    __syncthreads();  // the ring is free: the C tile reuses it
+
+    // Epilogue: accumulator (row m = gq or gq+8, cols n = 2tq, 2tq+1 of each tile) -> shared C tile
+    // -> coalesced stores with the bias. NCDHW: C tile [BN][BM+4], threads walk voxels of one
+    // channel; NDHWC: [BM][BN+4], threads walk channels of one voxel.
+    constexpr int CP = CL_OUT ? BN + 4 : BM + 4;
+    float* const cs = reinterpret_cast<float*>(smem_raw);
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NTL; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int ml = wm * WTM + i * 16 + gq + (r >> 1) * 8;
+                const int nl = wn * WTN + j * 8 + 2 * tq + (r & 1);
+                cs[CL_OUT ? ml * CP + nl : nl * CP + ml] = acc[i][j][r];
+            }
+    __syncthreads();
+    const int C_out_g = static_cast<int>(g.C_out_g);
+    const int n0 = blockIdx.y * BN;
+    const T* bias_g = g.has_bias ? bias + static_cast<i64>(grp) * g.C_out_g : nullptr;
+    if constexpr (CL_OUT) {
+#pragma unroll 4
+        for (int e = tid; e < BM * BN; e += NT) {
+            const int ml = e / BN, nl = e - ml * BN;
+            const int co = n0 + nl;
+            const i64 o = out_off[ml];
+            if (o >= 0 && co < C_out_g) {
+                const float b = bias_g != nullptr ? cct::to_acc(bias_g[co]) : 0.0f;
+                out[o + co] = cct::from_acc<T>(cct::add_ieee(cs[ml * CP + nl], b));
+            }
+        }
+    } else {
+#pragma unroll 4
+        for (int e = tid; e < BM * BN; e += NT) {
+            const int nl = e / BM, ml = e - nl * BM;
+            const int co = n0 + nl;
+            const i64 o = out_off[ml];
+            if (o >= 0 && co < C_out_g) {
+                const float b = bias_g != nullptr ? cct::to_acc(bias_g[co]) : 0.0f;
+                out[o + co * oVol] = cct::from_acc<T>(cct::add_ieee(cs[nl * CP + ml], b));
+            }
+        }
+    }
+}

@@ -22,7 +22,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import TOL, case_inputs, default_cases, time_ms  # noqa: E402  (beside this script)
 
-from cupyconvt._tc import TcPlan, pick_tile, tc_tiles  # noqa: E402
+from cupyconvt._tc import TcPlan, TcTile, pick_tile, tc_tiles  # noqa: E402
+
+#: Tiles tried beside the production ones (--extra).
+EXTRA = {
+    2: (TcTile(256, 64, 32, 4, 2, 3, 1, True), TcTile(128, 32, 32, 4, 1, 4, 3, True)),
+    4: (TcTile(256, 64, 16, 4, 2, 3, 1, False), TcTile(128, 32, 16, 4, 1, 4, 3, False)),
+}
 
 #: Relative-norm bar per mode; half precision is also held to 2x cuDNN's own error.
 MODE_TOL = {"float16": TOL["float16"], "bfloat16": TOL["bfloat16"], "float32/high": 1e-5,
@@ -59,8 +65,9 @@ def main() -> int:
     ap.add_argument("--modes", default="float16,bfloat16,float32/high,float32/medium")
     ap.add_argument("--only", default="")
     ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--tiles", default="", help="comma-separated BMxBNkBK filters, e.g. 256x64k32")
-    ap.add_argument("--all-tiles", action="store_true", help="every tile, not only the narrow ones")
+    ap.add_argument("--tiles", default="", help="comma-separated tile names, e.g. 256x64k32h")
+    ap.add_argument("--all-tiles", action="store_true", help="every tile, not only the picked BN")
+    ap.add_argument("--extra", action="store_true", help="also the EXTRA tiles")
     ap.add_argument("--cases", type=Path, default=default_cases())
     args = ap.parse_args()
     import cupy
@@ -105,13 +112,19 @@ def main() -> int:
                 tol = min(tol, 2 * torch_err) if torch_err > 0 else tol
             picked = pick_tile(p, dtype)
             x_cl = cupy.ascontiguousarray(cupy.moveaxis(x, 1, -1))
-            for t in tc_tiles(dtype):
-                name = f"{t.BM}x{t.BN}k{t.BK}"
+            itemsize = 4 if dtype == "float32" else 2
+            extra = EXTRA[itemsize] if args.extra else ()
+            for t in tc_tiles(dtype) + extra:
+                name = t.name()
                 if args.tiles and name not in args.tiles.split(","):
                     continue
-                if not args.tiles and not args.all_tiles and t.BN > 2 * picked.BN:
+                if not args.tiles and not args.all_tiles and t.BN != picked.BN and t not in extra:
                     continue
-                plan = TcPlan.build(p, dtype, precision, sm, tile=t)
+                try:
+                    plan = TcPlan.build(p, dtype, precision, sm, tile=t)
+                except ValueError as e:  # a halo tile that does not fit
+                    print(f"    {name}: {e}")
+                    continue
                 out = cupy.full(p.out_shape, np.nan, dtype=x.dtype)
                 plan.launch(x, w, b, out)
                 err = float((as_torch(out).double() - ref).norm()) / rnorm
@@ -124,7 +137,8 @@ def main() -> int:
                 out_cl = cupy.empty(p.out_shape[:1] + p.out_shape[2:] + p.out_shape[1:2], x.dtype)
                 ms_cl = time_ms(lambda: plan.launch(x_cl, w, b, out_cl, True), 3, args.repeat)
                 mark = "*" if t == picked else " "
-                print(f"  {mark} {name} {t.WM}x{t.WN}w st{t.STAGES} mb{t.MINB} smem {plan.smem} "
+                box = "" if plan.box is None else f" box {plan.box.box}"
+                print(f"  {mark} {name} {t.WM}x{t.WN}w st{t.STAGES} mb{t.MINB} smem {plan.smem}{box} "
                       f"grid{plan.grid}: NCDHW {ms:.3f} ms ({flops / ms / 1e9:.1f} TFLOP/s, "
                       f"{torch_ms / ms:.2f}x), NDHWC {ms_cl:.3f} ms ({torch_ms / ms_cl:.2f}x) "
                       f"err {err:.1e} rep {rep} {'OK' if good else 'FAIL'}", flush=True)  # fmt: skip

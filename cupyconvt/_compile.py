@@ -68,24 +68,20 @@ _lock = threading.Lock()
 _modules: dict[tuple[KernelModule, int], Any] = {}
 _functions: dict[tuple[KernelModule, str, int], Any] = {}
 _smem_limit: dict[tuple[KernelModule, str, int], int] = {}
-#: Dynamic shared memory a block may use without opting in.
-_SMEM_DEFAULT = 48 * 1024
 
 
 def get_function(module: KernelModule, name_expression: str, dynamic_smem: int = 0) -> Any:
     """The ``cupy.RawModule`` function for ``name_expression``, compiled once per device.
 
-    ``dynamic_smem`` over 48 KiB raises the function's dynamic shared-memory limit to it (once
-    per function and size: the opt-in CUDA requires above 48 KiB).
+    ``dynamic_smem`` raises the function's dynamic shared-memory limit to it (once per function
+    and size): CUDA's default allows 48 KiB of static and dynamic shared memory together.
     """
     import cupy
 
     device_id = cupy.cuda.runtime.getDevice()
     fkey = (module, name_expression, device_id)
     fn = _functions.get(fkey)
-    if fn is not None and (
-        dynamic_smem <= _SMEM_DEFAULT or _smem_limit.get(fkey, 0) >= dynamic_smem
-    ):
+    if fn is not None and (dynamic_smem == 0 or _smem_limit.get(fkey, 0) >= dynamic_smem):
         return fn
     with _lock:  # one compile per module and device, even under concurrent first use
         fn = _functions.get(fkey)
@@ -100,7 +96,9 @@ def get_function(module: KernelModule, name_expression: str, dynamic_smem: int =
                 _modules[(module, device_id)] = raw
             fn = raw.get_function(name_expression)
             _functions[fkey] = fn
-        if dynamic_smem > max(_SMEM_DEFAULT, _smem_limit.get(fkey, 0)):
+        # Raised for any size, not only above 48 KiB: the default limit is 48 KiB for static and
+        # dynamic shared memory together, so 47 KiB dynamic beside 2 KiB static fails to launch.
+        if dynamic_smem > _smem_limit.get(fkey, 0):
             fn.max_dynamic_shared_size_bytes = dynamic_smem
             _smem_limit[fkey] = dynamic_smem
     return fn

@@ -4,7 +4,8 @@ channels-last input, for float16/bfloat16 and for float32 under the "high" (3xTF
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
@@ -35,7 +36,9 @@ def tc_mode(dtype: str, precision: str) -> int | None:
 @dataclass(frozen=True)
 class TcTile:
     """Block tile BM x BN (voxels x channels), K chunk BK, WM x WN warps, a STAGES-deep cp.async
-    ring, MINB resident blocks per SM asked of ptxas."""
+    ring, MINB resident blocks per SM asked of ptxas. ``halo``: the block owns a box of phase
+    voxels and stages its whole input tile once (every tap reads a shifted view of it); else it
+    owns BM consecutive phase voxels and gathers their rows per (tap, channel chunk)."""
 
     BM: int
     BN: int
@@ -44,40 +47,53 @@ class TcTile:
     WN: int
     STAGES: int
     MINB: int = 2
+    halo: bool = False
 
     def threads(self) -> int:
         return self.WM * self.WN * 32
 
     def template(self, dtype: str, mode: int, channels_last_out: bool) -> str:
+        flag = {True: "true", False: "false"}
         return (
             f"tc_conv_transpose3d<{CPP_TYPE[dtype]}, {mode}, {self.BM}, {self.BN}, {self.BK}, "
-            f"{self.WM}, {self.WN}, {self.STAGES}, {self.MINB}, "
-            f"{'true' if channels_last_out else 'false'}>"
+            f"{self.WM}, {self.WN}, {self.STAGES}, {self.MINB}, {flag[channels_last_out]}, "
+            f"{flag[self.halo]}>"
         )
 
-    def smem_bytes(self, itemsize: int) -> int:
-        """Dynamic shared memory: the cp.async ring, or the float C tile that reuses it."""
+    def smem_bytes(self, itemsize: int, halo_elems: int = 0) -> int:
+        """Dynamic shared memory: the input tile (``halo_elems`` elements) or the A ring, then
+        the B ring; the float C tile of the epilogue reuses it."""
         vec = 16 // itemsize
-        ring = self.STAGES * (self.BM + self.BN) * (self.BK + vec) * itemsize
+        a = halo_elems if self.halo else self.STAGES * self.BM * (self.BK + vec)
+        ring = (a + self.STAGES * self.BN * (self.BK + vec)) * itemsize
         c_tile = 4 * max(self.BN * (self.BM + 4), self.BM * (self.BN + 4))
         return max(ring, c_tile)
 
+    def name(self) -> str:
+        return f"{self.BM}x{self.BN}k{self.BK}{'h' if self.halo else ''}"
+
 
 def _shapes(bk: int) -> tuple[TcTile, ...]:
-    """Tile shapes for one K chunk: 8 warps, warp tiles of 32-64 voxels x 16-64 channels."""
-    return (
+    """Tile shapes for one K chunk, each gathering per tap and staging a halo tile. Warp tiles of
+    64 x 32 (128 x 64 in 2 x 2 warps, three blocks an SM: 212 TFLOP/s fp16 on kb68 against 166
+    for 256 x 64 in 4 x 2 warps, one block an SM) or 32 x 16-48 (256 x BN in 8 x 1 warps).
+    benchmarks/tc_variants.py, H100, 2026-11-24."""
+    shapes = (
         TcTile(128, 128, bk, 2, 4, 4),
-        TcTile(256, 64, bk, 4, 2, 3, 1),  # 64 x 32 warp tiles spill under a 128-register cap
+        TcTile(128, 64, bk, 2, 2, 4, 3),
         TcTile(256, 48, bk, 8, 1, 3),
         TcTile(256, 32, bk, 8, 1, 3),
         TcTile(256, 24, bk, 8, 1, 3),
         TcTile(256, 16, bk, 8, 1, 3),
     )
+    # A gathering block keeps 64-element chunks' row state in registers: it spills (ptxas -v).
+    gather = shapes if bk <= 32 else ()
+    return gather + tuple(replace(t, halo=True) for t in shapes)
 
 
-#: K chunks: two 16-element MMA steps (16-bit) or two 8-element ones (TF32) per barrier, or half
-#: that when C_in_g is not a multiple of the larger chunk (C_in_g = 48: no padded channels).
-CHUNKS = {2: (32, 16), 4: (16, 8)}
+#: K chunks (elements): 2 to 4 MMA k-steps a barrier; the smaller ones where C_in_g is not a
+#: multiple of the larger (C_in_g = 48: no padded channels with 16).
+CHUNKS = {2: (64, 32, 16), 4: (16, 8)}
 
 
 def tc_tiles(dtype: str) -> tuple[TcTile, ...]:
@@ -128,17 +144,100 @@ def transpose(src: Any, dst: Any, batch: int, rows: int, cols: int) -> None:
     fn(grid, (TRANSPOSE_THREADS, 1, 1), (src, dst, np.int64(batch), np.int64(rows), np.int64(cols)))
 
 
+PACK_THREADS = 256
+#: Shared memory a halo block may take: two blocks an SM on an H100. (One block an SM with a
+#: bigger tile measured slower than gathering on kb61, kb70 and unet_k3s2 in float32.)
+HALO_SMEM = (112 * 1024,)
+#: Cost of staging one input element relative to one MMA multiply-add (rates per SM, H100:
+#: ~1024 fp16 MACs a cycle from mma.sync against ~32 16-bit elements a cycle from L2).
+HALO_LOAD_COST = 32
+
+
+@dataclass(frozen=True)
+class HaloBox:
+    """The box of phase voxels a halo block owns and the input tile it stages."""
+
+    box: tuple[int, int, int]  # TD, TH, TW
+    counts: tuple[int, int, int]  # boxes per sample along d, h, w
+    tile: tuple[int, int, int]  # HD, HH, HW: the box plus the largest tap-offset span
+    pitch: int  # elements per staged voxel (C_in_g padded, bank-conflict free)
+
+    def elems(self) -> int:
+        return self.tile[0] * self.tile[1] * self.tile[2] * self.pitch
+
+
+def _spans(table: np.ndarray) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
+    """Per phase, the smallest tap offset along each axis; and the largest span over phases."""
+    mins, span = [], [0, 0, 0]
+    for row in table:
+        taps = int(row[6])
+        offs = row[PHASE_HDR : PHASE_HDR + 4 * taps].reshape(taps, 4)[:, :3]
+        lo = offs.min(axis=0) if taps else np.zeros(3, np.int64)
+        hi = offs.max(axis=0) if taps else np.zeros(3, np.int64)
+        mins.append(tuple(int(v) for v in lo))
+        span = [max(s_, int(h - l)) for s_, h, l in zip(span, hi, lo)]
+    return mins, (span[0], span[1], span[2])
+
+
+def choose_box(
+    p: ConvParams, table: np.ndarray, tile: TcTile, itemsize: int, ci_pad: int, co_pad: int
+) -> HaloBox | None:
+    """The box shape (TD*TH*TW = BM) of least estimated cost whose tile fits in HALO_SMEM, or
+    None. Cost per channel: MMAs over every box voxel (partial boxes included) of every tap,
+    plus HALO_LOAD_COST per staged input voxel."""
+    for limit in HALO_SMEM:
+        box = _best_box(p, table, tile, itemsize, ci_pad, co_pad, limit)
+        if box is not None:
+            return box
+    return None
+
+
+def _best_box(
+    p: ConvParams, table: np.ndarray, tile: TcTile, itemsize: int, ci_pad: int, co_pad: int,
+    limit: int,
+) -> HaloBox | None:  # fmt: skip
+    _, span = _spans(table)
+    vec = 16 // itemsize
+    pitch = ci_pad + vec  # 16-byte rows an odd number of 16-byte units apart: conflict-free
+    best, best_cost = None, None
+    for e in itertools.product(range(8), repeat=3):
+        box = tuple(2**v for v in e)
+        if box[0] * box[1] * box[2] != tile.BM or box[2] < 4:
+            continue
+        hd, hh, hw = (b + s for b, s in zip(box, span))
+        hb = HaloBox(box, (0, 0, 0), (hd, hh, hw), pitch)
+        if tile.smem_bytes(itemsize, hb.elems()) > limit:
+            continue
+        cost = 0
+        for row in table:
+            q, taps = row[3:6], int(row[6])
+            n = p.N
+            for a in range(3):
+                n *= -(-int(q[a]) // box[a])
+            cost += n * (taps * tile.BM * min(co_pad, tile.BN) + HALO_LOAD_COST * hd * hh * hw)
+        if best_cost is None or cost < best_cost:
+            qmax = [max(int(r[3 + a]) for r in table) for a in range(3)]
+            counts = tuple(-(-qmax[a] // box[a]) for a in range(3))
+            best, best_cost = replace(hb, counts=counts), cost
+    return best
+
+
 def pick_tile(p: ConvParams, dtype: str) -> TcTile:
-    """The tile wasting the fewest padded channels of C_out_g, then of C_in_g, the wider and then
-    the deeper one on a tie."""
+    """A halo tile where its input tile fits in shared memory, else a gathering one; among those
+    the tile wasting the fewest padded channels of C_out_g, then of C_in_g, the wider and then
+    the deeper one on a tie. Tiles are kept to HALO_SMEM (two blocks an SM)."""
+    itemsize = 4 if dtype == "float32" else 2
 
     def key(t: TcTile) -> tuple[int, int, int, int]:
         return (-(-p.C_out_g // t.BN) * t.BN, -(-p.C_in_g // t.BK) * t.BK, -t.BN, -t.BK)
 
-    return min(tc_tiles(dtype), key=key)
-
-
-PACK_THREADS = 256
+    fits = [t for t in tc_tiles(dtype) if not t.halo and t.smem_bytes(itemsize) <= HALO_SMEM[-1]]
+    gather = min(fits, key=key)
+    halo = replace(gather, halo=True)
+    table, _ = phase_table(p)
+    ci_pad = -(-p.C_in_g // halo.BK) * halo.BK
+    co_pad = -(-p.C_out_g // halo.BN) * halo.BN
+    return halo if choose_box(p, table, halo, itemsize, ci_pad, co_pad) else gather
 
 
 @dataclass(frozen=True)
@@ -154,8 +253,10 @@ class TcPlan:
     grid: tuple[int, int, int]
     pack_grid: tuple[int, int, int]
     smem: int
+    box: HaloBox | None
     table: DeviceArray = field(compare=False, repr=False)
     geom: DeviceArray = field(compare=False, repr=False)
+    box_table: DeviceArray | None = field(compare=False, repr=False)
     family: str = "tc"
     _per_device: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -183,14 +284,27 @@ class TcPlan:
         ci_pad = -(-p.C_in_g // tile.BK) * tile.BK
         co_pad = -(-p.C_out_g // tile.BN) * tile.BN
         phases = table.shape[0]
-        hdr = table[:, :PHASE_HDR]
-        m_max = max(p.N * int(h[3]) * int(h[4]) * int(h[5]) for h in hdr)
-        grid = (-(-m_max // tile.BM), co_pad // tile.BN, p.groups * phases)
+        itemsize = 4 if dtype == "float32" else 2
+        box = choose_box(p, table, tile, itemsize, ci_pad, co_pad) if tile.halo else None
+        if tile.halo and box is None:
+            raise ValueError(f"the input tile of {tile.name()} does not fit in shared memory")
+        box_table = None
+        if box is not None:
+            mins, _ = _spans(table)
+            hdr = [*box.box, *box.counts, *box.tile, box.pitch]
+            box_table = DeviceArray(np.array(hdr + [v for m in mins for v in m], np.int32))
+            blocks = p.N * box.counts[0] * box.counts[1] * box.counts[2]
+            smem = tile.smem_bytes(itemsize, box.elems())
+        else:
+            hdr_rows = table[:, :PHASE_HDR]
+            m_max = max(p.N * int(h[3]) * int(h[4]) * int(h[5]) for h in hdr_rows)
+            blocks = -(-m_max // tile.BM)
+            smem = tile.smem_bytes(itemsize)
+        grid = (blocks, co_pad // tile.BN, p.groups * phases)
         packed = p.groups * phases * max_taps * ci_pad * co_pad
         pack_grid = (max(1, min(-(-packed // PACK_THREADS), sm_count * 8)), 1, 1)
-        itemsize = 4 if dtype == "float32" else 2
         return cls(p, dtype, mode, tile, phases, max_taps, ci_pad, co_pad, grid, pack_grid,
-                   tile.smem_bytes(itemsize), DeviceArray(table), geometry(p))  # fmt: skip
+                   smem, box, DeviceArray(table), geometry(p), box_table)  # fmt: skip
 
     @property
     def storage(self) -> np.dtype:
@@ -218,9 +332,10 @@ class TcPlan:
             pack, ncdhw, ndhwc = m.name_expressions
             fns = (get_function(m, pack), get_function(m, ncdhw, self.smem),
                    get_function(m, ndhwc, self.smem))  # fmt: skip
-            return fns, self.table.get(), self.geom.get()
+            box = None if self.box_table is None else self.box_table.get()
+            return fns, self.table.get(), self.geom.get(), box
 
-        (pack, gemm_ncdhw, gemm_ndhwc), table, geom = on_device(self._per_device, make)
+        (pack, gemm_ncdhw, gemm_ndhwc), table, geom, box = on_device(self._per_device, make)
         spatial = p.in_size[0] * p.in_size[1] * p.in_size[2]
         if channels_last and x.data.ptr % 16 == 0:
             xt = x
@@ -240,6 +355,6 @@ class TcPlan:
         gemm(
             self.grid,
             (self.tile.threads(), 1, 1),
-            (xt, wp, bias, out, table, geom, *extents),
+            (xt, wp, bias, out, table, geom, *extents, box),
             shared_mem=self.smem,
         )

@@ -138,12 +138,11 @@ def main() -> int:
                 ms_cl = time_ms(lambda: plan.launch(x_cl, w, b, out_cl, True), 3, args.repeat)
                 mark = "*" if t == picked else " "
                 box = "" if plan.box is None else f" box {plan.box.box}"
-                print(f"  {mark} {name} {t.WM}x{t.WN}w st{t.STAGES} mb{t.MINB} smem {plan.smem}{box} "
-                      f"grid{plan.grid}: NCDHW {ms:.3f} ms ({flops / ms / 1e9:.1f} TFLOP/s, "
+                print(f"  {mark} {name} {t.WM}x{t.WN}w st{t.STAGES} mb{t.MINB} smem {plan.smem}"
+                      f"{box} grid{plan.grid}: NCDHW {ms:.3f} ms ({flops / ms / 1e9:.1f} TFLOP/s, "
                       f"{torch_ms / ms:.2f}x), NDHWC {ms_cl:.3f} ms ({torch_ms / ms_cl:.2f}x) "
-                      f"err {err:.1e} rep {rep} {'OK' if good else 'FAIL'}", flush=True)  # fmt: skip
-                del out, again, out_cl
-            del x, w, b, xt, wt, bt, x_cl, t_out
+                      f"err {err:.1e} rep {rep} {'OK' if good else 'FAIL'}",
+                      flush=True)  # fmt: skip
             cupy.get_default_memory_pool().free_all_blocks()
             torch.cuda.empty_cache()
         del ref

@@ -31,6 +31,22 @@ TC_MIN_CHANNELS = 16
 DIRECT_TUNE_MAX_MACS = 10**8
 
 
+#: 3xTF32 ("high": three MMAs and the operand splits per product) beat the IEEE float32 GEMM
+#: only with wide output tiles and long K (H100, 2026-11-24: kb68, C_out 64, K 2400: 1.19x;
+#: vnet, C_out 128, K 2048: 1.17x; unet_k2s2, C_out 64, K 128: 0.70x; kb70, C_out 24: 0.84x).
+#: Elsewhere "high" runs the IEEE kernels, which are at least as accurate.
+HIGH_MIN_C_OUT_G = 64
+HIGH_MIN_K = 1024
+
+
+def _high_pays(p: ConvParams) -> bool:
+    """Whether the phase GEMMs are wide (C_out_g) and long (K: taps a phase x C_in_g) enough."""
+    voxels = p.N * p.C_in * p.C_out_g * p.in_size[0] * p.in_size[1] * p.in_size[2]
+    phases = p.stride[0] * p.stride[1] * p.stride[2]
+    taps_per_phase = p.useful_macs / max(1, voxels) / phases  # about: edges reach fewer taps
+    return p.C_out_g >= HIGH_MIN_C_OUT_G and taps_per_phase * p.C_in_g >= 0.9 * HIGH_MIN_K
+
+
 def all_modules() -> list[KernelModule]:
     """Every kernel module the runtime may compile (what the CI compile test builds)."""
     return [f(d) for d in CPP_TYPE for f in (direct_module, grouped_module, igemm_module)] + [
@@ -164,7 +180,11 @@ def select(
     if family is None:
         wide = p.C_in_g >= IGEMM_MIN_C_IN_G and p.C_out_g >= IGEMM_MIN_C_OUT_G
         order = ["igemm", "grouped"] if wide else ["grouped", "igemm"]
-        if p.C_in_g >= TC_MIN_CHANNELS and p.C_out_g >= TC_MIN_CHANNELS:
+        if (
+            p.C_in_g >= TC_MIN_CHANNELS
+            and p.C_out_g >= TC_MIN_CHANNELS
+            and (dtype != "float32" or precision != "high" or _high_pays(p))
+        ):
             order.insert(0, "tc")
         if p.useful_macs < DIRECT_TUNE_MAX_MACS:
             order.append("direct")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,11 @@ def main() -> int:
     ap.add_argument("--all-tiles", action="store_true", help="every tile, not only the picked BN")
     ap.add_argument("--extra", action="store_true", help="also the EXTRA tiles")
     ap.add_argument("--cases", type=Path, default=default_cases())
+    ap.add_argument(
+        "--ncdhw-both",
+        action="store_true",
+        help="also time NCDHW results the other way (in place / via a workspace)",
+    )
     args = ap.parse_args()
     import cupy
     import torch
@@ -143,6 +149,16 @@ def main() -> int:
                       f"{torch_ms / ms:.2f}x), NDHWC {ms_cl:.3f} ms ({torch_ms / ms_cl:.2f}x) "
                       f"err {err:.1e} rep {rep} {'OK' if good else 'FAIL'}",
                       flush=True)  # fmt: skip
+                if args.ncdhw_both:
+                    other = replace(plan, ncdhw_in_place=not plan.ncdhw_in_place)
+                    out2 = cupy.full(p.out_shape, np.nan, dtype=x.dtype)
+                    other.launch(x, w, b, out2)
+                    same = bool((out2.view(cupy.uint8) == out.view(cupy.uint8)).all())
+                    ok_all &= same
+                    ms2 = time_ms(lambda: other.launch(x, w, b, out2), 3, args.repeat)
+                    how = "in place" if other.ncdhw_in_place else "via workspace"
+                    print(f"      NCDHW {how}: {ms2:.3f} ms (picked way {ms:.3f} ms), "
+                          f"bitwise equal {same}", flush=True)  # fmt: skip
             cupy.get_default_memory_pool().free_all_blocks()
             torch.cuda.empty_cache()
         del ref

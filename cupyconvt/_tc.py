@@ -222,22 +222,39 @@ def _best_box(
     return best
 
 
+#: 16-bit halo tiles take the deepest K chunk that pads C_in_g by at most a third (and fits):
+#: fewer barriers per staged tile paid for more than the padded MMAs (float16, H100, 2026-11-24,
+#: NCDHW / NDHWC ms: kb70 C_in_g 48, 64 against 16: 4.31 / 3.48 against 5.05 / 3.84; kb61
+#: 1.98 / 1.70 against 2.02 / 1.76); doubling K (kb77, C_in_g 32: 0.94 against 0.76) lost.
+DEEP_K_MAX_PAD = 4 / 3
+
+
 def pick_tile(p: ConvParams, dtype: str) -> TcTile:
     """A halo tile where its input tile fits in shared memory, else a gathering one; among those
     the tile wasting the fewest padded channels of C_out_g, then of C_in_g, the wider and then
-    the deeper one on a tie. Tiles are kept to HALO_SMEM (two blocks an SM)."""
+    the deeper one on a tie; for 16-bit types a deeper halo tile of that width if it pads C_in_g
+    by at most DEEP_K_MAX_PAD. Tiles are kept to HALO_SMEM (two blocks an SM)."""
     itemsize = 4 if dtype == "float32" else 2
+    table, _ = phase_table(p)
+
+    def fits_box(t: TcTile) -> bool:
+        ci_pad = -(-p.C_in_g // t.BK) * t.BK
+        co_pad = -(-p.C_out_g // t.BN) * t.BN
+        return choose_box(p, table, t, itemsize, ci_pad, co_pad) is not None
 
     def key(t: TcTile) -> tuple[int, int, int, int]:
         return (-(-p.C_out_g // t.BN) * t.BN, -(-p.C_in_g // t.BK) * t.BK, -t.BN, -t.BK)
 
     fits = [t for t in tc_tiles(dtype) if not t.halo and t.smem_bytes(itemsize) <= HALO_SMEM[-1]]
     gather = min(fits, key=key)
+    if itemsize == 2:
+        deep = [t for t in tc_tiles(dtype) if t.halo and t.BN == gather.BN and t.BK > gather.BK
+                and -(-p.C_in_g // t.BK) * t.BK <= DEEP_K_MAX_PAD * p.C_in_g]  # fmt: skip
+        for t in sorted(deep, key=lambda t: -t.BK):
+            if fits_box(t):
+                return t
     halo = replace(gather, halo=True)
-    table, _ = phase_table(p)
-    ci_pad = -(-p.C_in_g // halo.BK) * halo.BK
-    co_pad = -(-p.C_out_g // halo.BN) * halo.BN
-    return halo if choose_box(p, table, halo, itemsize, ci_pad, co_pad) else gather
+    return halo if fits_box(halo) else gather
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,17 @@
 
 CUDA tensors run on the GPU backend on torch's current stream of the tensor's device: CuPy is
 pointed at that stream for the call, so DLPack's stream hand-over inserts no synchronization, and
-the output is allocated by torch's caching allocator and written in place. CPU tensors run on the
-CPU backend through NumPy views. torch is never imported here: a tensor was handed to us, so
-``sys.modules['torch']`` exists.
+the output is allocated by torch's caching allocator and written in place. Workspaces too come
+from torch's allocator during the call (:func:`torch_malloc`), so a CUDA graph can capture it.
+CPU tensors run on the CPU backend through NumPy views. torch is never imported here: a tensor
+was handed to us, so ``sys.modules['torch']`` exists.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -82,6 +85,37 @@ def _cupy_stream(cupy: Any, ptr: int, device: int) -> Any:
     return cupy.cuda.ExternalStream(ptr, device)
 
 
+def torch_malloc(size: int) -> Any:
+    """A CuPy allocator drawing on torch's caching allocator, on torch's current stream.
+
+    Used with ``cupy.cuda.using_allocator`` around every call on torch CUDA tensors. Each block
+    is a torch uint8 tensor that the CuPy memory keeps alive. Under CUDA-graph capture torch
+    serves these blocks from the graph's private pool, as for its own operators.
+    """
+    import cupy
+
+    torch = sys.modules["torch"]
+    device = cupy.cuda.runtime.getDevice()
+    block = torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", device))
+    memory = cupy.cuda.UnownedMemory(block.data_ptr(), size, block, device)
+    return cupy.cuda.MemoryPointer(memory, 0)
+
+
+@contextmanager
+def on_torch_stream(device: Any) -> Iterator[Any]:
+    """Within: CuPy on ``device``, on torch's current stream there, allocating through torch.
+
+    Yields the ``cupy`` module.
+    """
+    import cupy
+
+    torch = sys.modules["torch"]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _cupy_stream(cupy, torch.cuda.current_stream(index).cuda_stream, index)
+    with cupy.cuda.Device(index), stream, cupy.cuda.using_allocator(torch_malloc):
+        yield cupy
+
+
 def _is_channels_last(x: Any) -> bool:
     """Whether ``x`` is a batched tensor laid out channels last (and not also plain contiguous).
 
@@ -143,9 +177,7 @@ def conv_transpose3d_torch(
     x_in, out_view, layout = x.detach(), result, "NCDHW"
     if channels_last:  # (N, C, D, H, W) with channels-last strides is a C-contiguous NDHWC view
         x_in, out_view, layout = x_in.permute(0, 2, 3, 4, 1), result.permute(0, 2, 3, 4, 1), "NDHWC"
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    stream = _cupy_stream(cupy, torch.cuda.current_stream(index).cuda_stream, index)
-    with cupy.cuda.Device(index), stream:
+    with on_torch_stream(x.device):
         xc = cupy.from_dlpack(x_in)
         wc = cupy.from_dlpack(w.detach())
         bc = None if bias is None else cupy.from_dlpack(bias.detach())

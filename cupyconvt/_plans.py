@@ -43,7 +43,13 @@ def acc_dtype(dtype: str) -> np.dtype:
 
 
 class DeviceArray:
-    """A host array uploaded to each device on first use there (thread-safe), then reused."""
+    """A host array uploaded to each device on first use there (thread-safe), then reused.
+
+    The copies live as long as the process, so they come from CuPy's default memory pool even
+    when a call has another allocator active: during a call on torch tensors that is torch's
+    (``_interop.torch_malloc``), whose blocks may belong to a CUDA graph's private pool, which
+    must own no allocation that outlives the graph's outputs.
+    """
 
     def __init__(self, host: np.ndarray) -> None:
         self.host = np.ascontiguousarray(host)
@@ -60,7 +66,8 @@ class DeviceArray:
             with self._lock:
                 arr = self._dev.get(dev)
                 if arr is None:
-                    arr = cupy.asarray(self.host)
+                    with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+                        arr = cupy.asarray(self.host)
                     self._dev[dev] = arr
         return arr
 

@@ -1,8 +1,10 @@
 """A torch model that calls cupyconvt: tensors in, tensors out, zero-copy, on torch's stream.
 
 A small decoder block keeps its parameters in a torch.nn.ConvTranspose3d and runs the transposed
-convolution through cupyconvt (forward only: cupyconvt has no autograd yet, so the block runs
-under torch.no_grad()). The result is compared with torch's own layer. On a CUDA machine the call
+convolution through the plain function ``cupyconvt.conv_transpose3d``, which torch's autograd does
+not see, so the block runs under torch.no_grad(). (To train, use the drop-in layer
+``cupyconvt.torch.ConvTranspose3d``, as examples/train_decoder.py does.) The result is compared
+with torch's own layer. On a CUDA machine the call
 also runs on a non-default stream and in bfloat16; elsewhere the CPU backend runs it.
 
     python examples/torch_interop.py

@@ -162,4 +162,67 @@ struct ConvGeom {
     i64 has_bias;
 };
 
+// Fragments of N accumulators read from (or written to) shared memory with vector accesses.
+template <typename A, int N> struct Frag;
+template <> struct Frag<float, 4> {
+    static __device__ __forceinline__ void load(const float* p, float* v) {
+        const float4 t = *reinterpret_cast<const float4*>(p);
+        v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+    }
+    static __device__ __forceinline__ void store(float* p, float a, float b, float c, float d) {
+        *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+    }
+};
+template <> struct Frag<float, 2> {
+    static __device__ __forceinline__ void load(const float* p, float* v) {
+        const float2 t = *reinterpret_cast<const float2*>(p);
+        v[0] = t.x; v[1] = t.y;
+    }
+};
+template <> struct Frag<double, 4> {
+    static __device__ __forceinline__ void load(const double* p, double* v) {
+        const double2 a = *reinterpret_cast<const double2*>(p);
+        const double2 b = *reinterpret_cast<const double2*>(p + 2);
+        v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+    }
+    static __device__ __forceinline__ void store(double* p, double a, double b, double c, double d) {
+        *reinterpret_cast<double2*>(p) = make_double2(a, b);
+        *reinterpret_cast<double2*>(p + 2) = make_double2(c, d);
+    }
+};
+template <> struct Frag<double, 2> {
+    static __device__ __forceinline__ void load(const double* p, double* v) {
+        const double2 t = *reinterpret_cast<const double2*>(p);
+        v[0] = t.x; v[1] = t.y;
+    }
+};
+
+// One element of a tensor into shared memory as an accumulator, zero where !ok (then src is not
+// read). float and double go by cp.async (asynchronous, zero-filled); the 16-bit types are
+// converted through registers. (igemm.cu, backward.cu)
+template <typename T> struct GatherX {
+    static __device__ __forceinline__ void copy(typename Acc<T>::type* dst, const T* src, bool ok) {
+        *dst = ok ? to_acc(*src) : typename Acc<T>::type(0);
+    }
+};
+template <> struct GatherX<float> {
+    static __device__ __forceinline__ void copy(float* dst, const float* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)),
+                     "l"(src), "r"(ok ? 4 : 0) : "memory");
+#else
+        *dst = ok ? *src : 0.0f;
+#endif
+    }
+};
+template <> struct GatherX<double> {
+    static __device__ __forceinline__ void copy(double* dst, const double* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)),
+                     "l"(src), "r"(ok ? 8 : 0) : "memory");
+#else
+        *dst = ok ? *src : 0.0;
+#endif
+    }
+};
 }  // namespace cct

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import need
 
+from cupyconvt._backward_gpu import all_backward_modules
 from cupyconvt._select import all_modules
 
 ARCHS = ["sm_80", "sm_90"]
@@ -23,7 +24,7 @@ def _log(nvrtc, prog) -> str:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("module", all_modules(), ids=lambda m: m.filename)
+@pytest.mark.parametrize("module", all_modules() + all_backward_modules(), ids=lambda m: m.filename)
 def test_kernel_compiles_with_nvrtc(module, arch):
     nvrtc = _nvrtc()
     source = module.source()

@@ -1,0 +1,665 @@
+// Gradients of conv_transpose3d (cupyconvt/_backward_gpu.py): grad_input, grad_weight, grad_bias.
+//
+// The forward maps input voxel i through tap k to output o = i*s - p + k*dil (per axis; only o in
+// [0, out) counts). With off_k = k*dil - p, the three gradients of y = conv_transpose3d(x, w) are
+//
+//   gx[n, g*C_in_g + ci, i] = sum_{j < C_out_g, k} gy[n, g*C_out_g + j, i*s + off_k] * w[g*C_in_g + ci, j, k]
+//   gw[g*C_in_g + ci, j, k] = sum_{n, i} x[n, g*C_in_g + ci, i] * gy[n, g*C_out_g + j, i*s + off_k]
+//   gb[c]                   = sum_{n, o} gy[n, c, o]
+//
+// i.e. gx is conv3d(gy, w, stride, padding, dilation, groups) and gw a GEMM per group whose
+// reduction runs over every input voxel. Taps are numbered t = (kd*kH + kh)*kW + kw; the host's
+// tap table holds (off_d, off_h, off_w, 0) per tap.
+//
+// Kernels (each says below how it splits the work):
+//   bwd_pack_weights  w -> packed B operand of the grad_input GEMM
+//   bwd_data_igemm    grad_input as an implicit GEMM, M = N*D*H*W voxels, N = C_in_g, K = taps*C_out_g
+//   bwd_data_narrow   grad_input for few input channels per group (depthwise, narrow groups)
+//   bwd_weight_igemm  grad_weight partials: a GEMM tile over (ci) x (j, t) per split of the voxels
+//   bwd_reduce_splits the partials summed over the splits in a fixed order
+//   bwd_bias_partial, bwd_bias_final  grad_bias in two fixed-order passes
+//
+// No kernel uses atomics and every sum runs in an order fixed by the launch configuration, which
+// the host derives from the problem alone: results are bitwise identical from run to run.
+// float32 products and sums are PTX fma.rn.f32 / add.rn.f32 (CuPy compiles with -ftz=true).
+#include "common.cuh"
+
+namespace cct {
+namespace bwd {
+
+// The register tile's inner product over one k-step: TM rows of `as` times TN columns of `bs`.
+template <typename A, int TM, int TN, int FN, int THREADS_M, int THREADS_N>
+__device__ __forceinline__ void tile_step(const A* as, const A* bs, int tx, int ty, A (&acc)[TM][TN]) {
+    A a[TM], b[TN];
+#pragma unroll
+    for (int i = 0; i < TM / 4; ++i) Frag<A, 4>::load(as + (i * THREADS_M + tx) * 4, a + 4 * i);
+#pragma unroll
+    for (int j = 0; j < TN / FN; ++j) Frag<A, FN>::load(bs + (j * THREADS_N + ty) * FN, b + FN * j);
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fma_ieee(a[i], b[j], acc[i][j]);
+}
+
+}  // namespace bwd
+}  // namespace cct
+
+// ------------------------------------------------------------------------------------------------
+// grad_input, implicit GEMM.
+//
+// Packs w (C_in, C_out_g, taps) into the GEMM's B operand in the accumulator type, zero where ci
+// or co does not exist, so the GEMM reads it 16 bytes at a time with no bounds checks, in the
+// order its K loop walks the (tap, BK output channels) chunks: wp[g][t][co_pad][ci_pad], or with
+// tap_inner wp[g][co_pad / bk][t][bk][ci_pad] (all taps of a channel chunk in a row).
+template <typename T>
+__global__ void __launch_bounds__(256)
+bwd_pack_weights(const T* __restrict__ w, typename cct::Acc<T>::type* __restrict__ wp,
+                 const cct::ConvGeom* __restrict__ geom, const int co_pad, const int ci_pad,
+                 const int bk, const int tap_inner) {
+    typedef typename cct::Acc<T>::type Acc;
+    const cct::ConvGeom& g = *geom;
+    const i64 taps = g.kD * g.kH * g.kW;
+    const i64 total = g.groups * taps * co_pad * ci_pad;
+    for (i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+         e += static_cast<i64>(gridDim.x) * blockDim.x) {
+        i64 r = e;
+        const i64 ci = r % ci_pad; r /= ci_pad;
+        i64 co, t, grp;
+        if (tap_inner) {
+            const i64 kk = r % bk; r /= bk;
+            t = r % taps; r /= taps;
+            co = (r % (co_pad / bk)) * bk + kk;
+            grp = r / (co_pad / bk);
+        } else {
+            co = r % co_pad; r /= co_pad;
+            t = r % taps;
+            grp = r / taps;
+        }
+        Acc v = Acc(0);
+        if (ci < g.C_in_g && co < g.C_out_g)
+            v = cct::to_acc(w[((grp * g.C_in_g + ci) * g.C_out_g + co) * taps + t]);
+        wp[e] = v;
+    }
+}
+
+// gx[n, g*C_in_g + ci, i] = sum_{t, co} gy[n, g*C_out_g + co, i*s + off_t] * wp[g][t][co][ci]:
+// a GEMM with M = N*D*H*W input voxels, N = C_in_g, K = taps * C_out_g, per group.
+//
+// Work split: blockIdx.z = group, blockIdx.y = a BN-wide slice of input channels, blockIdx.x = a
+// BM-long run of input voxels. The K loop walks (tap, BK output channels) chunks (with tap_inner,
+// every tap of a channel chunk in turn, so that neighbouring taps' gathers meet in L1) through a
+// STAGES-deep shared-memory ring filled by cp.async (sm_80+): gy is gathered 4 or 8 bytes at a time
+// at i*s + off_t (zero-filled outside the output), the packed weights 16 bytes at a time; one
+// barrier per chunk. Each thread owns a TM x TN register tile (TM voxels in fragments of 4, TN
+// channels in fragments of FN), KU k-steps unrolled. The epilogue stages the C tile through shared
+// memory so that consecutive threads write consecutive voxels of one channel. Every element of gx
+// is written once. (The structure is kernels/igemm.cu's, without phases and with a strided gather.)
+template <typename T, int BM, int BN, int BK, int TM, int TN, int STAGES, int MINB, int KU>
+__global__ void __launch_bounds__((BM / TM) * (BN / TN), MINB)
+bwd_data_igemm(const T* __restrict__ gy, const typename cct::Acc<T>::type* __restrict__ wp,
+               T* __restrict__ gx, const int* __restrict__ tap_table,
+               const cct::ConvGeom* __restrict__ geom, const int taps, const int co_pad,
+               const int ci_pad, const int tap_inner) {
+    typedef typename cct::Acc<T>::type Acc;
+    constexpr int THREADS_M = BM / TM;
+    constexpr int THREADS_N = BN / TN;
+    constexpr int NT = THREADS_M * THREADS_N;
+    constexpr int FN = TN % 4 == 0 ? 4 : 2;  // channel fragment width
+    // gy gather: each thread fills M_PER_THREAD voxels for K_PER_THREAD channels of a chunk.
+    constexpr int M_PER_THREAD = BM >= NT ? BM / NT : 1;
+    constexpr int K_STRIDE = BM >= NT ? 1 : NT / BM;
+    constexpr int K_PER_THREAD = BK / K_STRIDE;
+    constexpr int VN = 16 / static_cast<int>(sizeof(Acc));  // accumulators per 16-byte vector
+    constexpr int B_VECS = BK * BN / VN;
+    constexpr int B_PER_THREAD = (B_VECS + NT - 1) / NT;
+    constexpr int A_STAGE = BK * BM;
+    constexpr int B_STAGE = BK * BN;
+    constexpr int PIPE = STAGES * (A_STAGE + B_STAGE);
+    constexpr int CP = THREADS_N * FN;  // channels per epilogue pass
+    constexpr int CROW = BM + VN;       // epilogue row pitch (16 bytes of padding)
+    constexpr int EPI = CP * CROW;
+    static_assert(TM % 4 == 0 && TN % FN == 0, "register tiles are read in fragments");
+    static_assert(BM % NT == 0 || NT % BM == 0, "gy loader needs BM and the thread count to nest");
+    static_assert(BK % K_STRIDE == 0, "gy loader covers the chunk evenly");
+    static_assert(BN % VN == 0 && STAGES >= 2, "weights are copied in 16-byte vectors");
+
+    __shared__ __align__(16) Acc smem[PIPE > EPI ? PIPE : EPI];
+    __shared__ i64 out_off[BM];  // gx offset of each voxel of the tile (channel 0), -1 if none
+    Acc* const As = smem;                     // [STAGES][BK][BM]
+    Acc* const Bs = smem + STAGES * A_STAGE;  // [STAGES][BK][BN]
+
+    const cct::ConvGeom& g = *geom;
+    const int tid = threadIdx.x;
+    const int grp = blockIdx.z;
+    const i64 D = g.D, H = g.H, W = g.W;
+    const i64 DHW = D * H * W;
+    const i64 M = g.N * DHW;
+    const i64 m0 = static_cast<i64>(blockIdx.x) * BM;
+    if (m0 >= M) return;
+    const u32 oD = static_cast<u32>(g.oD), oH = static_cast<u32>(g.oH), oW = static_cast<u32>(g.oW);
+    const i64 oVol = g.oD * g.oH * g.oW;
+
+    for (int ml = tid; ml < BM; ml += NT) {
+        const i64 m = m0 + ml;
+        i64 v = -1;
+        if (m < M) {
+            const i64 n = m / DHW;
+            v = (n * g.C_in + static_cast<i64>(grp) * g.C_in_g) * DHW + (m - n * DHW);
+        }
+        out_off[ml] = v;
+    }
+
+    // Gather coordinates (input voxel times stride) of the voxels this thread loads.
+    int ld_d[M_PER_THREAD], ld_h[M_PER_THREAD], ld_w[M_PER_THREAD];
+    const T* ld_base[M_PER_THREAD];
+    const int k_first = BM >= NT ? 0 : tid / BM;
+#pragma unroll
+    for (int j = 0; j < M_PER_THREAD; ++j) {
+        const i64 m = m0 + (BM >= NT ? tid + j * NT : tid % BM);
+        i64 n = 0;
+        int d = 0, h = 0, w = 0;
+        if (m < M) cct::split_voxel(m, D, H, W, n, d, h, w);
+        ld_d[j] = m < M ? d * static_cast<int>(g.sD) : -(1 << 30);  // never inside the output
+        ld_h[j] = h * static_cast<int>(g.sH);
+        ld_w[j] = w * static_cast<int>(g.sW);
+        ld_base[j] = gy + (n * g.C_out + static_cast<i64>(grp) * g.C_out_g + k_first) * oVol;
+    }
+
+    const int chunks = taps * (co_pad / BK);
+    const int C_out_g = static_cast<int>(g.C_out_g);
+    // Chunk c of the group's packed weights starts at c * BK * ci_pad: one pointer walks them.
+    const Acc* w_next = wp + static_cast<i64>(grp) * taps * co_pad * ci_pad + blockIdx.y * BN;
+    const int* tap = tap_table;  // the tap of the next chunk to issue
+    const int* const tap_end = tap_table + 4 * taps;
+    int it_c = 0;  // its first output channel
+
+    auto issue = [&](int stage) {
+        const int off_d = __ldg(tap), off_h = __ldg(tap + 1), off_w = __ldg(tap + 2);
+        Acc* as = As + stage * A_STAGE;
+#pragma unroll
+        for (int j = 0; j < M_PER_THREAD; ++j) {
+            const int od = ld_d[j] + off_d, oh = ld_h[j] + off_h, ow = ld_w[j] + off_w;
+            const bool inside = static_cast<u32>(od) < oD && static_cast<u32>(oh) < oH &&
+                                static_cast<u32>(ow) < oW;
+            const T* src = ld_base[j] + (static_cast<i64>(it_c) * oD + od) * oH * oW +
+                           static_cast<i64>(oh) * oW + ow;
+            const int ml = BM >= NT ? tid + j * NT : tid % BM;
+            const int k_left = C_out_g - it_c - k_first;  // channels of the chunk that exist
+#pragma unroll
+            for (int i = 0; i < K_PER_THREAD; ++i) {
+                const bool ok = inside && i * K_STRIDE < k_left;
+                cct::GatherX<T>::copy(as + (k_first + i * K_STRIDE) * BM + ml, ok ? src : gy,
+                                          ok);
+                src += K_STRIDE * oVol;
+            }
+        }
+        Acc* bs = Bs + stage * B_STAGE;
+#pragma unroll
+        for (int i = 0; i < B_PER_THREAD; ++i) {
+            const int e = tid + i * NT;
+            if (B_VECS % NT == 0 || e < B_VECS) {
+                const int k = e / (BN / VN), nv = e - k * (BN / VN);
+                cct::copy16(bs + k * BN + nv * VN, w_next + k * ci_pad + nv * VN);
+            }
+        }
+        w_next += BK * ci_pad;
+        if (tap_inner) {
+            tap += 4;
+            if (tap == tap_end) { tap = tap_table; it_c += BK; }
+        } else {
+            it_c += BK;
+            if (it_c == co_pad) { it_c = 0; tap += 4; }
+        }
+    };
+
+    const int tx = tid % THREADS_M;
+    const int ty = tid / THREADS_M;
+    Acc acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < chunks) issue(s);
+        cct::cp_commit();
+    }
+    for (int c = 0; c < chunks; ++c) {
+        cct::cp_wait<STAGES - 2>();
+        __syncthreads();  // chunk c landed for every thread; its ring slot minus one was read by all
+        if (c + STAGES - 1 < chunks) issue((c + STAGES - 1) % STAGES);
+        cct::cp_commit();
+        const Acc* as = As + (c % STAGES) * A_STAGE;
+        const Acc* bs = Bs + (c % STAGES) * B_STAGE;
+#pragma unroll KU
+        for (int k = 0; k < BK; ++k)
+            cct::bwd::tile_step<Acc, TM, TN, FN, THREADS_M, THREADS_N>(as + k * BM, bs + k * BN,
+                                                                       tx, ty, acc);
+    }
+    cct::cp_wait<0>();
+    const int C_in_g = static_cast<int>(g.C_in_g);
+    const int n0 = blockIdx.y * BN;
+
+    // Epilogue, TN/FN passes of CP channels: the tile goes to shared memory, then consecutive
+    // threads write consecutive voxels of one channel.
+#pragma unroll
+    for (int f = 0; f < TN / FN; ++f) {
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < TM / 4; ++i)
+#pragma unroll
+            for (int jj = 0; jj < FN; ++jj)
+                cct::Frag<Acc, 4>::store(
+                    smem + (ty * FN + jj) * CROW + (i * THREADS_M + tx) * 4,
+                    acc[4 * i][f * FN + jj], acc[4 * i + 1][f * FN + jj],
+                    acc[4 * i + 2][f * FN + jj], acc[4 * i + 3][f * FN + jj]);
+        __syncthreads();
+#pragma unroll 4
+        for (int e = tid; e < CP * BM; e += NT) {
+            const int row = e / BM, ml = e - row * BM;
+            const int ci = n0 + f * CP + row;
+            const i64 o = out_off[ml];
+            if (o >= 0 && ci < C_in_g) gx[o + ci * DHW] = cct::from_acc<T>(smem[row * CROW + ml]);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// grad_input for few input channels per group: a direct gather.
+//
+// Work split: blockIdx.y = (group, CI-wide chunk of its input channels), blockIdx.x = a run of
+// VX * blockDim.x input voxels (flattened over n, d, h, w); thread tid owns the VX voxels
+// tid + v * blockDim.x of the run (so each warp load reads neighbouring voxels) and CI channels.
+// The chunk's weights, wt[j][t][CI] (dynamic shared memory, C_out_g * taps * CI accumulators), are
+// staged once and read as broadcasts; gy is read through L1, which holds the rows that the taps
+// share, KWB taps of a row at a time (their loads in flight together). Every element of gx is
+// written once.
+// Three blocks an SM (85 registers); two for float64, whose staged taps take twice the registers.
+template <typename T, int CI, int VX>
+__global__ void __launch_bounds__(256, sizeof(typename cct::Acc<T>::type) == 8 ? 2 : 3)
+bwd_data_narrow(const T* __restrict__ gy, const T* __restrict__ w, T* __restrict__ gx,
+                const cct::ConvGeom* __restrict__ geom, const int ci_chunks) {
+    typedef typename cct::Acc<T>::type Acc;
+    constexpr int KWB = 4;  // taps along w whose gy loads are in flight together
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    Acc* const wt = reinterpret_cast<Acc*>(smem_raw);
+    const cct::ConvGeom& g = *geom;
+    const int grp = blockIdx.y / ci_chunks;
+    const int ci0 = (blockIdx.y - grp * ci_chunks) * CI;
+    const int kD = static_cast<int>(g.kD), kH = static_cast<int>(g.kH), kW = static_cast<int>(g.kW);
+    const int taps = kD * kH * kW;
+    const int C_in_g = static_cast<int>(g.C_in_g), C_out_g = static_cast<int>(g.C_out_g);
+    for (int e = threadIdx.x; e < C_out_g * taps * CI; e += blockDim.x) {
+        const int q = e % CI, jt = e / CI;  // jt = j * taps + t, w's own order within a channel
+        const int ci = ci0 + q;
+        wt[e] = ci < C_in_g
+                    ? cct::to_acc(w[(static_cast<i64>(grp) * C_in_g + ci) * C_out_g * taps + jt])
+                    : Acc(0);
+    }
+    __syncthreads();
+
+    const i64 D = g.D, H = g.H, W = g.W, DHW = D * H * W, M = g.N * DHW;
+    const int oD = static_cast<int>(g.oD), oH = static_cast<int>(g.oH), oW = static_cast<int>(g.oW);
+    const i64 oVol = g.oD * g.oH * g.oW;
+    const int sD = static_cast<int>(g.sD), sH = static_cast<int>(g.sH), sW = static_cast<int>(g.sW);
+    const int dD = static_cast<int>(g.dD), dH = static_cast<int>(g.dH), dW = static_cast<int>(g.dW);
+    const int pD = static_cast<int>(g.pD), pH = static_cast<int>(g.pH), pW = static_cast<int>(g.pW);
+    const i64 m_first = static_cast<i64>(blockIdx.x) * VX * blockDim.x + threadIdx.x;
+
+    // Per voxel: gy's channel-j0 plane base and the voxel's coordinates times the stride.
+    const T* base[VX];
+    int vd[VX], vh[VX], vw[VX];
+    i64 dst[VX];
+#pragma unroll
+    for (int v = 0; v < VX; ++v) {
+        const i64 m = m_first + static_cast<i64>(v) * blockDim.x;
+        i64 n = 0;
+        int d = 0, h = 0, x = 0;
+        if (m < M) cct::split_voxel(m, D, H, W, n, d, h, x);
+        vd[v] = m < M ? d * sD : -(1 << 30);  // never inside the output
+        vh[v] = h * sH;
+        vw[v] = x * sW;
+        base[v] = gy + (n * g.C_out + static_cast<i64>(grp) * C_out_g) * oVol;
+        dst[v] = m < M ? (n * g.C_in + static_cast<i64>(grp) * C_in_g + ci0) * DHW + (m - n * DHW)
+                       : -1;
+    }
+
+    Acc acc[VX][CI];
+#pragma unroll
+    for (int v = 0; v < VX; ++v)
+#pragma unroll
+        for (int q = 0; q < CI; ++q) acc[v][q] = Acc(0);
+
+    const Acc* wj = wt;
+    for (int j = 0; j < C_out_g; ++j) {
+        for (int kd = 0; kd < kD; ++kd) {
+            const int off_d = kd * dD - pD;
+            for (int kh = 0; kh < kH; ++kh) {
+                const int off_h = kh * dH - pH;
+                const T* row[VX];
+                bool row_ok[VX];
+#pragma unroll
+                for (int v = 0; v < VX; ++v) {
+                    const int od = vd[v] + off_d, oh = vh[v] + off_h;
+                    row_ok[v] = static_cast<u32>(od) < static_cast<u32>(oD) &&
+                                static_cast<u32>(oh) < static_cast<u32>(oH);
+                    row[v] = base[v] + (row_ok[v] ? (static_cast<i64>(od) * oH + oh) * oW : 0);
+                }
+                // KWB taps along w at a time: their loads are issued together, then used.
+                for (int kw0 = 0; kw0 < kW; kw0 += KWB) {
+                    Acc gv[KWB][VX];
+#pragma unroll
+                    for (int u = 0; u < KWB; ++u) {
+                        const int off_w = (kw0 + u) * dW - pW;
+#pragma unroll
+                        for (int v = 0; v < VX; ++v) {
+                            const int ow = vw[v] + off_w;
+                            gv[u][v] = kw0 + u < kW && row_ok[v] &&
+                                               static_cast<u32>(ow) < static_cast<u32>(oW)
+                                           ? cct::to_acc(row[v][ow])
+                                           : Acc(0);
+                        }
+                    }
+                    const Acc* wk = wj + ((kd * kH + kh) * kW + kw0) * CI;
+#pragma unroll
+                    for (int u = 0; u < KWB; ++u) {
+                        if (kw0 + u >= kW) break;
+#pragma unroll
+                        for (int q = 0; q < CI; ++q) {
+                            const Acc wq = wk[u * CI + q];
+#pragma unroll
+                            for (int v = 0; v < VX; ++v)
+                                acc[v][q] = cct::fma_ieee(gv[u][v], wq, acc[v][q]);
+                        }
+                    }
+                }
+            }
+        }
+        wj += taps * CI;
+#pragma unroll
+        for (int v = 0; v < VX; ++v) base[v] += oVol;
+    }
+
+#pragma unroll
+    for (int v = 0; v < VX; ++v) {
+        if (dst[v] < 0) continue;
+#pragma unroll
+        for (int q = 0; q < CI; ++q)
+            if (ci0 + q < C_in_g) gx[dst[v] + q * DHW] = cct::from_acc<T>(acc[v][q]);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// grad_weight partials: gw[g*C_in_g + ci, j, t] summed over one split of the input voxels,
+//
+//   ws[split][g*C_in_g + ci][j*taps + t] = sum_{voxels i of the split} x[n, ci, i] * gy[n, j, i*s + off_t]
+//
+// a GEMM tile with rows ci, columns c = j*taps + t (w's own order, so the reduction over splits
+// is elementwise) and the reduction over voxels. The voxels are walked in chunks of BK along one
+// w-row (n, d, h), so a chunk needs no division; a row's last chunk is zero-padded.
+//
+// Work split: blockIdx.x = a BN-wide slice of columns, blockIdx.y = a BM-high slice of rows,
+// blockIdx.z = (group, split). Each chunk goes into a STAGES-deep ring by cp.async (4 or 8 bytes,
+// zero-filled): lanes come in groups of 8 along the voxels, so a warp reads 8 neighbouring voxels
+// of 4 rows of x (or 4 columns of gy) at once, and the rows of the staged tiles are padded by
+// APAD/BPAD so that those 32 stores hit 32 banks. The columns' gy channel and tap offsets are
+// staged once per block. KS groups of threads each own a TM x TN register tile of the whole
+// BM x BN tile and take BK/KS k-steps of each chunk (KS > 1 for tiles with few rows, e.g.
+// depthwise); their tiles are summed in shared memory in a fixed order at the end. Every element
+// of ws is written once.
+template <typename T, int BM, int BN, int BK, int TM, int TN, int KS, int STAGES, int MINB>
+__global__ void __launch_bounds__(KS * (BM / TM) * (BN / TN), MINB)
+bwd_weight_igemm(const T* __restrict__ x, const T* __restrict__ gy,
+                 typename cct::Acc<T>::type* __restrict__ ws, const int* __restrict__ tap_table,
+                 const cct::ConvGeom* __restrict__ geom, const int splits) {
+    typedef typename cct::Acc<T>::type Acc;
+    constexpr int THREADS_M = BM / TM;
+    constexpr int THREADS_N = BN / TN;
+    constexpr int NTILE = THREADS_M * THREADS_N;  // threads of one k-group
+    constexpr int NT = KS * NTILE;
+    constexpr int FN = TN % 4 == 0 ? 4 : 2;
+    constexpr int KPG = BK / KS;  // k-steps of a chunk per k-group
+    constexpr int KH = BK / 8;    // 8-voxel runs per chunk
+    constexpr int LG = NT / 8;    // lane groups of 8 threads along the voxels
+    constexpr int A_TASKS = BM * KH;  // (row, run) pairs of a chunk of x
+    constexpr int A_PER = (A_TASKS + LG - 1) / LG;
+    constexpr int B_COLS = BN / LG;   // gy columns per lane group
+    constexpr int APAD = BM % 8 == 4 ? 8 : 4;  // row pitch = 4 (mod 8): 8 k x 4 rows, 32 banks
+    constexpr int BPAD = BN % 8 == 4 ? 8 : 4;
+    constexpr int AP = BM + APAD, BP = BN + BPAD;
+    constexpr int A_STAGE = BK * AP;
+    constexpr int B_STAGE = BK * BP;
+    constexpr int PIPE = STAGES * (A_STAGE + B_STAGE);
+    constexpr int EPI = KS > 1 ? KS * BM * BN : 0;
+    static_assert(TM % 4 == 0 && TN % FN == 0 && BM % 4 == 0, "register tiles are read in fragments");
+    static_assert(BK % KS == 0 && BK % 8 == 0, "k-groups and 8-voxel runs split a chunk evenly");
+    static_assert(NT % 8 == 0 && BN % LG == 0, "lane groups cover the gy columns evenly");
+    static_assert(STAGES >= 2, "a ring of two stages at least");
+
+    __shared__ __align__(16) Acc smem[PIPE > EPI ? PIPE : EPI];
+    __shared__ i64 col_chan[BN];  // gy channel plane offset of each column of the tile
+    __shared__ int4 col_off[BN];  // its tap offsets (d, h, w), and whether the column exists
+    Acc* const As = smem;                     // [STAGES][BK][AP]
+    Acc* const Bs = smem + STAGES * A_STAGE;  // [STAGES][BK][BP]
+
+    const cct::ConvGeom& g = *geom;
+    const int tid = threadIdx.x;
+    const int grp = blockIdx.z / splits;
+    const int split = blockIdx.z - grp * splits;
+    const int taps = static_cast<int>(g.kD * g.kH * g.kW);
+    const int C_in_g = static_cast<int>(g.C_in_g), C_out_g = static_cast<int>(g.C_out_g);
+    const int cols = C_out_g * taps;
+    const int r0 = blockIdx.y * BM, c0 = blockIdx.x * BN;
+    const i64 D = g.D, H = g.H, W = g.W, HW = H * W, DHW = D * HW;
+    const u32 oD = static_cast<u32>(g.oD), oH = static_cast<u32>(g.oH), oW = static_cast<u32>(g.oW);
+    const i64 oVol = g.oD * g.oH * g.oW;
+    const int sD = static_cast<int>(g.sD), sH = static_cast<int>(g.sH), sW = static_cast<int>(g.sW);
+
+    for (int cl = tid; cl < BN; cl += NT) {
+        const int col = c0 + cl;
+        const bool ok = col < cols;
+        const int j = ok ? col / taps : 0, t = ok ? col - j * taps : 0;
+        col_chan[cl] = (static_cast<i64>(grp) * C_out_g + j) * oVol;
+        col_off[cl] = make_int4(__ldg(tap_table + 4 * t), __ldg(tap_table + 4 * t + 1),
+                                __ldg(tap_table + 4 * t + 2), ok ? 1 : 0);
+    }
+
+    // This split's chunks: [rc_begin, rc_end) of the N*D*H*ceil(W/BK) row chunks.
+    const i64 w_chunks = (W + BK - 1) / BK;
+    const i64 row_chunks = g.N * D * H * w_chunks;
+    const i64 rc_begin = row_chunks * split / splits;
+    const i64 chunks = row_chunks * (split + 1) / splits - rc_begin;
+
+    // The next chunk to issue, as (n, d, h, first w): advanced by one chunk per issue.
+    i64 cn;
+    int cd, ch, cw;
+    {
+        i64 r = rc_begin;
+        cw = static_cast<int>(r % w_chunks) * BK; r /= w_chunks;
+        ch = static_cast<int>(r % H); r /= H;
+        cd = static_cast<int>(r % D);
+        cn = r / D;
+    }
+    const int k_lo = tid % 8, lg = tid / 8;  // voxel within a run, lane group
+    const i64 x_chan0 = static_cast<i64>(grp) * C_in_g + r0;  // x channel of the tile's row 0
+
+    auto issue = [&](int stage) {
+        Acc* as = As + stage * A_STAGE;
+        const i64 x_sp = cd * HW + static_cast<i64>(ch) * W + cw;
+#pragma unroll
+        for (int i = 0; i < A_PER; ++i) {
+            const int u = lg + i * LG;
+            if (A_TASKS % LG == 0 || u < A_TASKS) {
+                const int row = u % BM, k = (u / BM) * 8 + k_lo;
+                const bool ok = r0 + row < C_in_g && cw + k < W;
+                const T* src = x + ((cn * g.C_in + x_chan0 + row) * DHW + x_sp + k);
+                cct::GatherX<T>::copy(as + k * AP + row, ok ? src : x, ok);
+            }
+        }
+        Acc* bs = Bs + stage * B_STAGE;
+        const i64 gy_n = cn * g.C_out * oVol;
+#pragma unroll
+        for (int m = 0; m < B_COLS; ++m) {
+            const int cl = lg + m * LG;
+            const int4 off = col_off[cl];
+            const int od = cd * sD + off.x, oh = ch * sH + off.y;
+            const bool row_ok = off.w != 0 && static_cast<u32>(od) < oD && static_cast<u32>(oh) < oH;
+            const T* grow =
+                gy + (row_ok ? gy_n + col_chan[cl] + (static_cast<i64>(od) * oH + oh) * oW : 0);
+#pragma unroll
+            for (int kh = 0; kh < KH; ++kh) {
+                const int k = kh * 8 + k_lo;
+                const int ow = (cw + k) * sW + off.z;
+                const bool ok = row_ok && cw + k < W && static_cast<u32>(ow) < oW;
+                cct::GatherX<T>::copy(bs + k * BP + cl, ok ? grow + ow : gy, ok);
+            }
+        }
+        cw += BK;
+        if (cw >= W) {
+            cw = 0;
+            if (++ch == H) {
+                ch = 0;
+                if (++cd == D) { cd = 0; ++cn; }
+            }
+        }
+    };
+    __syncthreads();  // the column table is in place
+
+    const int kg = tid / NTILE;  // this thread's k-group
+    const int lt = tid - kg * NTILE;
+    const int tx = lt % THREADS_M;
+    const int ty = lt / THREADS_M;
+    Acc acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < chunks) issue(s);
+        cct::cp_commit();
+    }
+    for (i64 c = 0; c < chunks; ++c) {
+        cct::cp_wait<STAGES - 2>();
+        __syncthreads();  // chunk c landed for every thread; its ring slot minus one was read by all
+        if (c + STAGES - 1 < chunks) issue(static_cast<int>((c + STAGES - 1) % STAGES));
+        cct::cp_commit();
+        const int slot = static_cast<int>(c % STAGES);
+        const Acc* as = As + slot * A_STAGE + kg * KPG * AP;
+        const Acc* bs = Bs + slot * B_STAGE + kg * KPG * BP;
+#pragma unroll
+        for (int k = 0; k < KPG; ++k)
+            cct::bwd::tile_step<Acc, TM, TN, FN, THREADS_M, THREADS_N>(as + k * AP, bs + k * BP,
+                                                                       tx, ty, acc);
+    }
+    cct::cp_wait<0>();
+
+    Acc* const out = ws + (static_cast<i64>(split) * g.C_in + static_cast<i64>(grp) * C_in_g) * cols;
+    if (KS == 1) {
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const int row = r0 + ((i / 4) * THREADS_M + tx) * 4 + i % 4;
+            if (row >= C_in_g) continue;
+#pragma unroll
+            for (int j = 0; j < TN; ++j) {
+                const int col = c0 + ((j / FN) * THREADS_N + ty) * FN + j % FN;
+                if (col < cols) out[static_cast<i64>(row) * cols + col] = acc[i][j];
+            }
+        }
+        return;
+    }
+    // KS > 1: the k-groups' tiles, summed in k-group order.
+    __syncthreads();  // every thread is done reading the ring
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+            const int row = ((i / 4) * THREADS_M + tx) * 4 + i % 4;
+            const int col = ((j / FN) * THREADS_N + ty) * FN + j % FN;
+            smem[(kg * BM + row) * BN + col] = acc[i][j];
+        }
+    __syncthreads();
+    for (int e = tid; e < BM * BN; e += NT) {
+        const int row = e / BN, col = e - row * BN;
+        Acc s = smem[e];
+#pragma unroll
+        for (int q = 1; q < KS; ++q) s = cct::add_ieee(s, smem[q * BM * BN + e]);
+        if (r0 + row < C_in_g && c0 + col < cols)
+            out[static_cast<i64>(r0 + row) * cols + c0 + col] = s;
+    }
+}
+
+// out[e] = sum over s < splits of ws[s * count + e], in order of s, rounded once to T.
+template <typename T>
+__global__ void __launch_bounds__(256)
+bwd_reduce_splits(const typename cct::Acc<T>::type* __restrict__ ws, T* __restrict__ out,
+                  const i64 count, const int splits) {
+    typedef typename cct::Acc<T>::type Acc;
+    for (i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
+         e += static_cast<i64>(gridDim.x) * blockDim.x) {
+        Acc s = ws[e];
+        for (int q = 1; q < splits; ++q) s = cct::add_ieee(s, ws[q * count + e]);
+        out[e] = cct::from_acc<T>(s);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// grad_bias, pass 1: part[c * gridDim.y + b] = sum over n of gy[n, c, b*span : (b+1)*span].
+// Block (c, b); each thread sums its elements (stride blockDim.x, four independent sums), then the
+// block adds its threads' sums in a fixed tree.
+template <typename T>
+__global__ void __launch_bounds__(256)
+bwd_bias_partial(const T* __restrict__ gy, typename cct::Acc<T>::type* __restrict__ part,
+                 const cct::ConvGeom* __restrict__ geom, const i64 span) {
+    typedef typename cct::Acc<T>::type Acc;
+    __shared__ Acc red[256];
+    const cct::ConvGeom& g = *geom;
+    const i64 c = blockIdx.x;
+    const i64 oVol = g.oD * g.oH * g.oW;
+    const i64 begin = static_cast<i64>(blockIdx.y) * span;
+    const i64 end = begin + span < oVol ? begin + span : oVol;
+    const int nt = blockDim.x;
+    Acc s0 = Acc(0), s1 = Acc(0), s2 = Acc(0), s3 = Acc(0);
+    for (i64 n = 0; n < g.N; ++n) {
+        const T* p = gy + (n * g.C_out + c) * oVol;
+        i64 e = begin + threadIdx.x;
+        for (; e + 3 * nt < end; e += 4 * nt) {
+            s0 = cct::add_ieee(s0, cct::to_acc(p[e]));
+            s1 = cct::add_ieee(s1, cct::to_acc(p[e + nt]));
+            s2 = cct::add_ieee(s2, cct::to_acc(p[e + 2 * nt]));
+            s3 = cct::add_ieee(s3, cct::to_acc(p[e + 3 * nt]));
+        }
+        for (; e < end; e += nt) s0 = cct::add_ieee(s0, cct::to_acc(p[e]));
+    }
+    red[threadIdx.x] = cct::add_ieee(cct::add_ieee(s0, s1), cct::add_ieee(s2, s3));
+    __syncthreads();
+    for (int h = 128; h > 0; h >>= 1) {  // blockDim.x is 256 (the host launches no other size)
+        if (static_cast<int>(threadIdx.x) < h)
+            red[threadIdx.x] = cct::add_ieee(red[threadIdx.x], red[threadIdx.x + h]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) part[c * gridDim.y + blockIdx.y] = red[0];
+}
+
+// grad_bias, pass 2: out[c] = the sum of part[c * parts : (c+1) * parts] (one block per channel,
+// fixed tree), rounded once to T.
+template <typename T>
+__global__ void __launch_bounds__(256)
+bwd_bias_final(const typename cct::Acc<T>::type* __restrict__ part, T* __restrict__ out,
+               const int parts) {
+    typedef typename cct::Acc<T>::type Acc;
+    __shared__ Acc red[256];
+    const i64 c = blockIdx.x;
+    Acc s = Acc(0);
+    for (int e = threadIdx.x; e < parts; e += blockDim.x) s = cct::add_ieee(s, part[c * parts + e]);
+    red[threadIdx.x] = s;
+    __syncthreads();
+    for (int h = 128; h > 0; h >>= 1) {
+        if (static_cast<int>(threadIdx.x) < h)
+            red[threadIdx.x] = cct::add_ieee(red[threadIdx.x], red[threadIdx.x + h]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[c] = cct::from_acc<T>(red[0]);
+}

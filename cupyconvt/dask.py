@@ -1,0 +1,475 @@
+"""conv_transpose3d on Dask arrays: chunk by chunk, on the CPU, on one GPU or on several.
+
+Each output block is computed by one call of :func:`cupyconvt.conv_transpose3d` on the input
+slab it depends on: its input block plus the halo that the kernel, stride, dilation and padding
+require, gathered from as many neighbouring input blocks as needed. Output blocks map 1:1 to
+input blocks and never overlap, so nothing is computed twice and nothing is summed across blocks.
+
+The mapping, per spatial axis (``s`` stride, ``p`` padding, ``dil`` dilation, ``K`` kernel size,
+``n`` the input size, ``O`` the output size). An input index ``i`` reaches the outputs
+``o = i*s - p + k*dil`` for the taps ``k = 0 .. K-1``.
+
+- Input blocks have the boundaries ``0 = b_0 < b_1 < ... < b_m = n`` (dask's chunks).
+- Output block ``j`` covers ``[o_j, o_{j+1})`` with ``o_0 = 0``, ``o_m = O`` and, between them,
+  ``o_j = clip(b_j*s - shift, j, O - m + j)``, where ``shift = floor((2p - dil*(K-1) + s - 1) / 2)``
+  centres an output block on the footprint of its input block. ``shift`` is 0 for the usual
+  upsampling layers (k4 s2 p1 as in trilinear upsampling, k2 s2 p0, k3 s2 p1 with
+  output_padding 1, k3 s1 p1), so there ``o_j = b_j*s`` exactly, clipped to ``[0, O]``.
+  Since ``b_j*s - shift`` grows by at least 1 across a block, the clip keeps every output block
+  non-empty whenever ``O >= m``. Only when the output is shorter than the number of blocks (a
+  large padding) are some output blocks empty, which dask allows. (Empty input blocks, also
+  legal in dask, give empty output blocks; ``j`` and ``m`` then count the non-empty ones.)
+- Output block ``[o0, o1)`` reads the inputs ``i_lo = max(0, ceil((o0 + p - dil*(K-1)) / s))``
+  to ``i_hi = min(n-1, floor((o1 - 1 + p) / s))``: those whose footprint
+  ``[i*s - p, i*s - p + dil*(K-1)]`` overlaps the block, gathered from every input block they
+  lie in. Every input outside that range reaches only other output blocks, and every tap of an
+  output in the block that falls outside it falls outside ``x`` too, so each output element sums
+  the same terms as in the unchunked call.
+- The slab ``x[i_lo : i_hi+1]`` is convolved with ``padding = q`` and ``output_padding = 0``,
+  where ``q = max(0, min(a, F - b))`` trims the ends of the slab's full result
+  (``F = (L-1)*s + dil*(K-1) + 1`` long for a slab of ``L``, block at ``[a, b)`` in it with
+  ``a = o0 + p - i_lo*s``, ``b = a + o1 - o0``). Usually that result is the block itself.
+  Where it is longer on one side, the block is a view of it (no copy). Where it does not cover
+  the block (edges, ``output_padding``, outputs that no tap reaches), the block is copied out of
+  it and any output no input reaches gets the bias (or zero), as in the unchunked call.
+
+Batch blocks map to batch blocks. The channel axis must be one block: a channel-chunked ``x`` is
+rechunked to one channel block first (each task then holds every input channel of its slab).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._api import array_kind
+from ._dtypes import GPU_DTYPES, check_dtype
+from ._params import ConvParams, IntOrTriple
+from ._precision import resolve as resolve_precision
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+__all__ = ["conv_transpose3d", "output_chunks"]
+
+Chunks = tuple[tuple[int, ...], ...]
+
+
+def _import_dask() -> Any:
+    try:
+        import dask.array as da
+    except ImportError as e:
+        raise ImportError(
+            "cupyconvt.dask needs dask: pip install 'cupyconvt[dask]' (or 'dask[array]')"
+        ) from e
+    return da
+
+
+@dataclass(frozen=True)
+class _AxisPlan:
+    """How one output block along one spatial axis is made.
+
+    ``pieces`` lists ``(input block, start, stop)``: the parts of the input blocks that,
+    concatenated in order, form the slab (empty when no input reaches the block). The slab is
+    convolved with padding ``pad``; ``src`` of that result goes to ``dst`` of the block, which
+    is ``size`` long. ``exact``: the result is the block, nothing to crop or fill.
+    """
+
+    pieces: tuple[tuple[int, int, int], ...]
+    pad: int
+    src: tuple[int, int]
+    dst: tuple[int, int]
+    size: int
+    exact: bool
+
+
+def _boundaries(chunks: tuple[int, ...]) -> list[int]:
+    b = [0]
+    for c in chunks:
+        b.append(b[-1] + c)
+    return b
+
+
+def _out_boundaries(chunks: tuple[int, ...], cp: ConvParams, axis: int) -> list[int]:
+    """Output block boundaries along spatial ``axis`` (0, 1, 2) (see the module docstring)."""
+    n_out, k, s = cp.out_size[axis], cp.kernel[axis], cp.stride[axis]
+    p, dil = cp.padding[axis], cp.dilation[axis]
+    b = _boundaries(chunks)
+    # r[j]: non-empty input blocks before boundary j. Clipping to [r, n_out - m + r] keeps each
+    # non-empty block's output non-empty (b*s - shift grows by at least 1 across it); empty
+    # input blocks (legal in dask) get empty output blocks.
+    r = _boundaries(tuple(int(c > 0) for c in chunks))
+    m = r[-1]
+    shift = (2 * p - dil * (k - 1) + s - 1) // 2
+    bounds = []
+    for bj, rj in zip(b, r, strict=True):
+        if rj == 0 or rj == m:
+            bounds.append(0 if rj == 0 else n_out)
+        elif n_out >= m:
+            bounds.append(min(max(bj * s - shift, rj), n_out - m + rj))
+        else:  # fewer outputs than blocks: some output blocks must be empty
+            bounds.append(min(max(bj * s - shift, 0), n_out))
+    return bounds
+
+
+def _axis_plans(chunks: tuple[int, ...], cp: ConvParams, axis: int) -> list[_AxisPlan]:
+    """The plan of every output block along spatial ``axis``, from the input's ``chunks``."""
+    n, s, p = cp.in_size[axis], cp.stride[axis], cp.padding[axis]
+    span = cp.dilation[axis] * (cp.kernel[axis] - 1)
+    b = _boundaries(chunks)
+    ob = _out_boundaries(chunks, cp, axis)
+    plans = []
+    for o0, o1 in itertools.pairwise(ob):
+        size = o1 - o0
+        i_lo = max(0, -((span - o0 - p) // s))  # ceil((o0 + p - span) / s)
+        i_hi = min(n - 1, (o1 - 1 + p) // s)
+        if size == 0 or i_lo > i_hi:
+            plans.append(_AxisPlan((), 0, (0, 0), (0, 0), size, False))
+            continue
+        pieces = tuple(
+            (blk, max(i_lo, b[blk]) - b[blk], min(i_hi + 1, b[blk + 1]) - b[blk])
+            for blk in range(len(chunks))
+            if max(i_lo, b[blk]) < min(i_hi + 1, b[blk + 1])
+        )
+        full = (i_hi - i_lo) * s + span + 1
+        a = o0 + p - i_lo * s
+        q = max(0, min(a, full - (a + size)))
+        length = full - 2 * q
+        src = (max(a - q, 0), min(a - q + size, length))
+        dst = (src[0] - (a - q), src[1] - (a - q))
+        exact = a - q == 0 and size == length
+        plans.append(_AxisPlan(pieces, q, src, dst, size, exact))
+    return plans
+
+
+def output_chunks(
+    chunks: Chunks,
+    w_shape: tuple[int, ...],
+    stride: IntOrTriple = 1,
+    padding: IntOrTriple = 0,
+    output_padding: IntOrTriple = 0,
+    groups: int = 1,
+    dilation: IntOrTriple = 1,
+) -> Chunks:
+    """The chunks of :func:`conv_transpose3d`'s result for an input with ``chunks``.
+
+    Parameters
+    ----------
+    chunks : tuple of tuples of int
+        The input's chunks (``x.chunks``), 5D ``(N, C_in, D, H, W)`` or unbatched 4D.
+    w_shape, stride, padding, output_padding, groups, dilation
+        As for :func:`cupyconvt.conv_transpose3d`.
+
+    Returns
+    -------
+    tuple of tuples of int
+        One block per input block along every axis: batch blocks unchanged, one channel block of
+        ``C_out``, and spatial blocks as described in this module's docstring.
+
+    Examples
+    --------
+    >>> output_chunks(((1,), (2,), (4, 4), (8,), (3, 3, 2)), (2, 2, 4, 4, 4), stride=2,
+    ...               padding=1, groups=2)
+    ((1,), (4,), (8, 8), (16,), (6, 6, 4))
+    """
+    chunks = tuple(tuple(int(c) for c in ax) for ax in chunks)
+    shape = tuple(sum(ax) for ax in chunks)
+    p = ConvParams.from_args(shape, w_shape, None, stride, padding, output_padding, groups,
+                             dilation)  # fmt: skip
+    out_spatial = []
+    for axis, ax_chunks in enumerate(chunks[-3:]):
+        bounds = _out_boundaries(ax_chunks, p, axis)
+        out_spatial.append(tuple(hi - lo for lo, hi in itertools.pairwise(bounds)))
+    return (*chunks[:-4], (p.C_out,), *out_spatial)
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Everything one output block needs besides the input blocks, w and bias."""
+
+    axes: tuple[_AxisPlan, _AxisPlan, _AxisPlan]
+    params: tuple  # (stride, dilation, groups): the call's other arguments
+    c_out: int
+    family: str | None
+    precision: str
+
+
+def _module(kind: str) -> Any:
+    if kind == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def _like(a: Any, kind: str, xp: Any) -> Any:
+    """``a`` (w or bias) as an array of ``kind`` on the current device."""
+    if a is None:
+        return None
+    if kind == "numpy":
+        return a if isinstance(a, np.ndarray) else a.get()
+    return xp.asarray(a)  # no copy if ``a`` is on the current device, else moved there
+
+
+def _slab(blocks: list, axes: tuple[_AxisPlan, ...], xp: Any) -> Any:
+    """The input slab of one output block, from the nested list of input blocks it spans.
+
+    Runs on the device of the first block; ``cupy.asarray`` moves parts of blocks that lie on
+    other GPUs to it.
+    """
+    first = blocks[0][0][0]
+    if all(len(ax.pieces) == 1 for ax in axes):
+        return first[(slice(None), slice(None), *(slice(*ax.pieces[0][1:]) for ax in axes))]
+    lens = [sum(stop - start for _, start, stop in ax.pieces) for ax in axes]
+    slab = xp.empty((*first.shape[:2], *lens), dtype=first.dtype)
+    # (where in the slab, where in the block) of each piece, per axis
+    spans = []
+    for ax in axes:
+        pos, pairs = 0, []
+        for _, start, stop in ax.pieces:
+            pairs.append((slice(pos, pos + stop - start), slice(start, stop)))
+            pos += stop - start
+        spans.append(pairs)
+    for jd, jh, jw in itertools.product(*(range(len(ax.pieces)) for ax in axes)):
+        (dd, sd), (dh, sh), (dw, sw) = spans[0][jd], spans[1][jh], spans[2][jw]
+        slab[:, :, dd, dh, dw] = xp.asarray(blocks[jd][jh][jw][:, :, sd, sh, sw])
+    return slab
+
+
+def _block(blocks: list, w: Any, bias: Any, task: _Task) -> Any:
+    """Compute one output block (runs on a worker)."""
+    ref = blocks[0][0][0]
+    kind = array_kind(ref)
+    xp = _module(kind)
+    if kind == "cupy":
+        with xp.cuda.Device(ref.data.device_id):
+            return _block_on_device(blocks, w, bias, task, kind, xp)
+    return _block_on_device(blocks, w, bias, task, kind, xp)
+
+
+def _block_on_device(blocks: list, w: Any, bias: Any, task: _Task, kind: str, xp: Any) -> Any:
+    from ._api import conv_transpose3d as conv
+
+    ref = blocks[0][0][0]
+    w, bias = _like(w, kind, xp), _like(bias, kind, xp)
+    shape = (ref.shape[0], task.c_out, *(ax.size for ax in task.axes))
+    res = None
+    if all(ax.pieces for ax in task.axes):
+        slab = _slab(blocks, task.axes, xp)
+        stride, dilation, groups = task.params
+        pad = tuple(ax.pad for ax in task.axes)
+        if task.family is None:
+            res = conv(slab, w, bias, stride, pad, 0, groups, dilation, precision=task.precision)
+        else:
+            from . import _gpu
+
+            p = ConvParams.from_args(slab.shape, w.shape, None if bias is None else bias.shape,
+                                     stride, pad, 0, groups, dilation)  # fmt: skip
+            res = _gpu.conv_transpose3d(slab, w, bias, p, None, family=task.family,
+                                        precision=task.precision)  # fmt: skip
+        if all(ax.exact for ax in task.axes):
+            return res
+        if all(ax.dst == (0, ax.size) for ax in task.axes):
+            # The result covers the block: hand back a view of it, not a copy (a strided copy of
+            # the whole block cost about as much as its convolution: H100, 128^3 blocks).
+            return res[(slice(None), slice(None), *(slice(*ax.src) for ax in task.axes))]
+    # Outputs that no input reaches hold the bias (or zero), as in the unchunked call. Copies
+    # only, no arithmetic: that works for every dtype CuPy can hold.
+    if bias is None:
+        out = xp.zeros(shape, dtype=ref.dtype)
+    else:
+        out = xp.empty(shape, dtype=ref.dtype)
+        out[...] = bias.reshape(1, -1, 1, 1, 1)
+    if res is not None:
+        src = tuple(slice(*ax.src) for ax in task.axes)
+        dst = tuple(slice(*ax.dst) for ax in task.axes)
+        out[(slice(None), slice(None), *dst)] = res[(slice(None), slice(None), *src)]
+    return out
+
+
+def _first_key(keys: Any) -> tuple:
+    while isinstance(keys, list):
+        keys = keys[0]
+    return keys
+
+
+def _host_copy(a: Any) -> Any:
+    return a if a is None or isinstance(a, np.ndarray) else a.get()
+
+
+def _check_operand(name: str, a: Any) -> str:
+    kind = array_kind(a)
+    if kind in ("numpy", "cupy"):
+        return kind
+    what = "a dask array (compute it first)" if hasattr(a, "dask") else type(a).__name__
+    raise TypeError(f"{name} must be a NumPy or CuPy array, got {what}")
+
+
+def conv_transpose3d(
+    x: da.Array,
+    w: Any,
+    bias: Any | None = None,
+    stride: IntOrTriple = 1,
+    padding: IntOrTriple = 0,
+    output_padding: IntOrTriple = 0,
+    groups: int = 1,
+    dilation: IntOrTriple = 1,
+    *,
+    precision: str | None = None,
+    family: str | None = None,
+) -> da.Array:
+    """3D transposed convolution of a chunked Dask array, block by block, with halos.
+
+    Computes what :func:`cupyconvt.conv_transpose3d` computes on the whole of ``x``, one task
+    per block of ``x``: each task convolves its block plus the halo it needs (gathered from as
+    many neighbouring blocks as the kernel, stride, dilation and padding reach) and keeps only
+    its own output block. NumPy chunks run on the CPU backend, CuPy chunks on the GPU that holds
+    them; with a ``dask_cuda.LocalCUDACluster`` every GPU of the machine works on its share.
+
+    Parameters
+    ----------
+    x : dask.array.Array, shape ``(N, C_in, D, H, W)`` or unbatched ``(C_in, D, H, W)``
+        Input, with NumPy or CuPy chunks (``x._meta`` says which), chunked along batch and
+        spatial axes in any way: blocks smaller than the halo and uneven last blocks included.
+        If the channel axis has several blocks it is rechunked to one.
+    w : numpy.ndarray or cupy.ndarray, shape ``(C_in, C_out // groups, kD, kH, kW)``
+        Weight, same dtype as ``x``. Stored once in the graph; each task uses it as an array of
+        its chunk's library on its chunk's device (a copy where it is not one already).
+    bias : numpy.ndarray or cupy.ndarray, shape ``(C_out,)``, optional
+        As ``w``.
+    stride, padding, output_padding, groups, dilation
+        As for :func:`cupyconvt.conv_transpose3d`.
+    precision : {"highest", "high", "medium"}, optional
+        float32 policy on the GPU; ``None`` takes the process default *when the graph is built*
+        (workers do not consult their own default).
+    family : {"tc", "igemm", "grouped", "direct"}, optional
+        Pin the GPU kernel family (CuPy chunks only). Without it each slab's problem is
+        selected on its own, and slabs of different shapes may get different kernels, so the
+        result matches the unchunked call to rounding. With the same family pinned on both
+        sides, each output element sums the same terms in the same order, and the result is
+        expected to match bitwise.
+
+    Returns
+    -------
+    dask.array.Array
+        Lazy result, shape :func:`cupyconvt.output_shape` of ``x``'s, dtype of ``x``, with
+        chunks of the same type as ``x``'s and one block per block of ``x`` along every axis
+        (:func:`output_chunks` gives them).
+
+    Raises
+    ------
+    ImportError
+        dask is not installed.
+    TypeError
+        ``x`` is not a Dask array, its chunks are neither NumPy nor CuPy arrays; ``w`` or
+        ``bias`` is not a NumPy or CuPy array; dtypes differ or are not supported.
+    ValueError
+        The rules of :func:`cupyconvt.conv_transpose3d` (with the same messages); ``x`` has
+        unknown chunk sizes; an unknown ``family``, or ``family`` with NumPy chunks.
+
+    Notes
+    -----
+    Output block ``j`` along a spatial axis starts at ``b_j*stride - shift`` (clipped so that
+    no block is empty), where ``b_j`` is where input block ``j`` starts and ``shift`` centres
+    the output block on its input block's footprint; ``shift`` is 0 for the usual upsampling
+    layers (trilinear k4 s2 p1, k2 s2, k3 s2 p1 with output_padding 1). The module docstring
+    gives the exact rule and the halo. Memory per task: the slab (block plus halo, all input
+    channels) and its output block (all output channels).
+
+    Examples
+    --------
+    >>> import dask.array as da, numpy as np, cupyconvt.dask
+    >>> x = da.random.random((1, 4, 32, 32, 32), chunks=(1, 4, 8, 16, 16)).astype(np.float32)
+    >>> w = np.random.rand(4, 1, 4, 4, 4).astype(np.float32)
+    >>> y = cupyconvt.dask.conv_transpose3d(x, w, stride=2, padding=1, groups=4)
+    >>> y.chunks[2:]
+    ((16, 16, 16, 16), (32, 32), (32, 32))
+    >>> y.compute().shape
+    (1, 4, 64, 64, 64)
+    """
+    da = _import_dask()
+    if not isinstance(x, da.Array):
+        raise TypeError(
+            f"x must be a dask.array.Array, got {type(x).__name__} (for NumPy or CuPy arrays call "
+            "cupyconvt.conv_transpose3d)"
+        )
+    kind = array_kind(x._meta)
+    if kind not in ("numpy", "cupy"):
+        raise TypeError(
+            f"x's chunks must be NumPy or CuPy arrays, got {type(x._meta).__name__} (x._meta)"
+        )
+    w_kind = _check_operand("w", w)
+    if bias is not None:
+        _check_operand("bias", bias)
+    if any(math.isnan(c) for ax in x.chunks for c in ax):
+        raise ValueError("x has unknown chunk sizes: call x.compute_chunk_sizes() first")
+    p = ConvParams.from_args(x.shape, w.shape, None if bias is None else bias.shape, stride,
+                             padding, output_padding, groups, dilation)  # fmt: skip
+    dtype = check_dtype("x", x.dtype, GPU_DTYPES)
+    for name, a in (("w", w), ("bias", bias)):
+        if a is not None and a.dtype != x.dtype:
+            other = check_dtype(name, a.dtype, GPU_DTYPES)
+            raise TypeError(
+                f"{name} has dtype {other} but x has dtype {dtype}: x, w and bias must share one "
+                "dtype"
+            )
+    precision = resolve_precision(precision)
+    if family is not None:
+        from ._select import FAMILIES, eligible
+
+        if family not in FAMILIES:
+            raise ValueError(f"family={family!r} is not one of {', '.join(map(repr, FAMILIES))}")
+        if kind != "cupy":
+            raise ValueError(
+                f"family={family!r} pins a GPU kernel family, but x's chunks are NumPy arrays"
+            )
+        if not eligible(p, dtype, family, precision):
+            raise ValueError(f"kernel family {family!r} cannot run this problem")
+
+    if not p.batched:
+        return conv_transpose3d(x[None], w, bias, stride, padding, output_padding, groups,
+                                dilation, precision=precision, family=family)[0]  # fmt: skip
+    if len(x.chunks[1]) > 1:
+        x = x.rechunk({1: -1})
+
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    w_token = tokenize(_host_copy(w), w_kind)
+    b_token = None if bias is None else tokenize(_host_copy(bias))
+    args = (p.stride, p.padding, p.output_padding, p.groups, p.dilation, family, precision)
+    # dask's opt-in expression backend ("array.query-planning") names the blocks of the graph it
+    # materializes apart from x.name: take the name from the keys.
+    expr = getattr(da, "array_expr_enabled", lambda: False)()
+    x_name = _first_key(x.__dask_keys__())[0] if expr else x.name
+    name = "cupyconvt-conv_transpose3d-" + tokenize(x_name, w_token, b_token, *args)
+    w_key = ("cupyconvt-weight-" + w_token,)
+    b_key = None if bias is None else ("cupyconvt-bias-" + b_token,)
+
+    plans = [_axis_plans(x.chunks[2 + axis], p, axis) for axis in range(3)]
+    layer: dict = {w_key: w}
+    if bias is not None:
+        layer[b_key] = bias
+    call = (p.stride, p.dilation, p.groups)
+    for n in range(len(x.chunks[0])):
+        for jd, jh, jw in itertools.product(*(range(len(pl)) for pl in plans)):
+            axes = (plans[0][jd], plans[1][jh], plans[2][jw])
+            if all(ax.pieces for ax in axes):
+                bd, bh, bw = ([blk for blk, _, _ in ax.pieces] for ax in axes)
+                blocks = [[[(x_name, n, 0, i, j, k) for k in bw] for j in bh] for i in bd]
+            else:  # no input reaches this block: its own input block tells the array type
+                blocks = [[[(x_name, n, 0, jd, jh, jw)]]]
+            task = _Task(axes, call, p.C_out, family, precision)
+            layer[(name, n, 0, jd, jh, jw)] = (_block, blocks, w_key, b_key, task)
+    chunks = (x.chunks[0], (p.C_out,), *(tuple(ax.size for ax in pl) for pl in plans))
+    if expr:
+        from dask.array._array_expr._collection import from_graph
+
+        keys = [k for k in layer if k[0] == name]
+        return from_graph({**x.__dask_graph__(), **layer}, x._meta, chunks, keys, name)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[x])
+    return da.Array(graph, name, chunks, meta=x._meta)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from hypothesis import strategies as st
 
 
 @dataclass(frozen=True)
@@ -116,3 +117,29 @@ ERROR_INPUTS = [
     ((1, 0, 4, 4, 4), (0, 2, 3, 3, 3), None, {}, ValueError, r"C_in=0 channels"),
     ((1, 3, 4, 0, 4), (3, 2, 3, 3, 3), None, {}, ValueError, r"x height size is 0"),
 ]  # fmt: skip
+
+
+@st.composite
+def random_cases(
+    draw, max_size: int = 5, max_n: int = 2, max_channels: int = 3, bias: bool = False
+) -> Case:
+    """Random valid problems for hypothesis: every argument drawn per axis, within PyTorch's
+    rules (``output_padding < max(stride, dilation)``, padding at most half the full extent).
+    ``max_channels`` bounds the channels per group; ``bias`` draws one too."""
+    groups = draw(st.integers(1, 3))
+    cig = draw(st.integers(1, max_channels))
+    cog = draw(st.integers(1, max_channels))
+    n = draw(st.one_of(st.none(), st.integers(1, max_n)))
+    size, k, s, p, op, d = [], [], [], [], [], []
+    for _ in range(3):
+        size.append(draw(st.integers(1, max_size)))
+        k.append(draw(st.integers(1, 4)))
+        s.append(draw(st.integers(1, 3)))
+        d.append(draw(st.integers(1, 3)))
+        op.append(draw(st.integers(0, max(s[-1], d[-1]) - 1)))
+        full = (size[-1] - 1) * s[-1] + d[-1] * (k[-1] - 1) + op[-1] + 1
+        p.append(draw(st.integers(0, max(0, (full - 1) // 2))))
+    kwargs = dict(stride=tuple(s), padding=tuple(p), output_padding=tuple(op), groups=groups,
+                  dilation=tuple(d))  # fmt: skip
+    has_bias = draw(st.booleans()) if bias else False
+    return Case("fuzz", n, cig * groups, cog * groups, tuple(size), tuple(k), kwargs, has_bias)

@@ -10,7 +10,7 @@ import itertools
 
 import numpy as np
 import pytest
-from cases import CASES, ERROR_INPUTS, Case
+from cases import CASES, ERROR_INPUTS, Case, random_cases
 from conftest import need
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -297,32 +297,8 @@ def test_forward_rules_apply(x_shape, w_shape, kwargs, exc, match):
         cupyconvt.conv_transpose3d_backward(np.ones(1), x, w, **kwargs)
 
 
-def _problems():
-    """Random valid problems: every argument drawn per axis, within PyTorch's rules."""
-
-    @st.composite
-    def problem(draw):
-        groups = draw(st.integers(1, 3))
-        cig, cog = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-        n = draw(st.one_of(st.none(), st.integers(1, 2)))
-        size, k, s, p, op, d = [], [], [], [], [], []
-        for _ in range(3):
-            size.append(draw(st.integers(1, 5)))
-            k.append(draw(st.integers(1, 4)))
-            s.append(draw(st.integers(1, 3)))
-            d.append(draw(st.integers(1, 3)))
-            op.append(draw(st.integers(0, max(s[-1], d[-1]) - 1)))
-            full = (size[-1] - 1) * s[-1] + d[-1] * (k[-1] - 1) + op[-1] + 1
-            p.append(draw(st.integers(0, max(0, (full - 1) // 2))))
-        kwargs = dict(stride=tuple(s), padding=tuple(p), output_padding=tuple(op), groups=groups,
-                      dilation=tuple(d))  # fmt: skip
-        return Case("fuzz", n, cig * groups, cog * groups, tuple(size), tuple(k), kwargs)
-
-    return problem()
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=_problems(), seed=st.integers(0, 2**32 - 1))
+@given(case=random_cases(), seed=st.integers(0, 2**32 - 1))
 def test_fuzz_adjoint_identities(case, seed):
     """For random problems: <y, gy> = <x, grad_input> = <w, grad_weight>, <1, gy> = grad_bias.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cases import CASES, ERROR_INPUTS, Case
+from cases import CASES, ERROR_INPUTS, Case, random_cases
 from conftest import need
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -100,28 +100,10 @@ def test_dtypes(dtype, rng):
 
 
 def _problems():
-    """Random valid problems (every argument drawn per axis) with random chunks on every axis."""
-
-    @st.composite
-    def problem(draw):
-        groups = draw(st.integers(1, 3))
-        n = draw(st.one_of(st.none(), st.integers(1, 3)))
-        size, k, s, p, op, d = [], [], [], [], [], []
-        for _ in range(3):
-            size.append(draw(st.integers(1, 6)))
-            k.append(draw(st.integers(1, 4)))
-            s.append(draw(st.integers(1, 3)))
-            d.append(draw(st.integers(1, 3)))
-            op.append(draw(st.integers(0, max(s[-1], d[-1]) - 1)))
-            full = (size[-1] - 1) * s[-1] + d[-1] * (k[-1] - 1) + op[-1] + 1
-            p.append(draw(st.integers(0, max(0, (full - 1) // 2))))
-        kwargs = dict(stride=tuple(s), padding=tuple(p), output_padding=tuple(op), groups=groups,
-                      dilation=tuple(d))  # fmt: skip
-        case = Case("fuzz", n, groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2)),
-                    tuple(size), tuple(k), kwargs, draw(st.booleans()))  # fmt: skip
-        return case, draw(st.integers(0, 2**32 - 1))
-
-    return problem()
+    """Random valid problems (every argument drawn per axis, up to 2 channels a group, batches up
+    to 3) and a seed for random chunks on every axis."""
+    return st.tuples(random_cases(max_size=6, max_n=3, max_channels=2, bias=True),
+                     st.integers(0, 2**32 - 1))  # fmt: skip
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -189,9 +189,11 @@ def test_axis_plans_read_exactly_the_footprint(rng):
             assert reaches <= set(read)
 
 
-def test_axis_plans_replayed_in_1d_give_the_unchunked_result(rng):
+@pytest.mark.parametrize("multiple", [1, cdask.GPU_W_MULTIPLE])
+def test_axis_plans_replayed_in_1d_give_the_unchunked_result(rng, multiple):
     """Replay each plan as the tasks do (slab, convolve with the plan's padding, crop, fill) in
-    1D with the naive definition: the blocks joined equal the unchunked result exactly."""
+    1D with the naive definition: the blocks joined equal the unchunked result exactly, also
+    with slabs widened to a multiple of voxels (as for CuPy chunks along W)."""
     for chunks, cp in _axis_problems(rng, 600):
         n, k, s, p, dil, op = _axis(cp)
         x = rng.standard_normal(n)
@@ -199,11 +201,13 @@ def test_axis_plans_replayed_in_1d_give_the_unchunked_result(rng):
         ref = _conv1d(x, w, s, p, dil, op)
         starts = np.cumsum((0, *chunks))
         blocks = []
-        for plan in _axis_plans(chunks, cp, 0):
+        for plan in _axis_plans(chunks, cp, 0, multiple):
             block = np.zeros(plan.size)
             if plan.pieces:
                 slab = np.concatenate([x[starts[blk] + a : starts[blk] + b]
                                        for blk, a, b in plan.pieces])  # fmt: skip
+                # widened wherever the input is long enough
+                assert len(slab) % multiple == 0 or n < -(-len(slab) // multiple) * multiple
                 res = _conv1d(slab, w, s, plan.pad, dil, 0)
                 assert plan.exact == (plan.src == (0, len(res)) and len(res) == plan.size)
                 block[slice(*plan.dst)] = res[slice(*plan.src)]

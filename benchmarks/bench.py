@@ -455,22 +455,29 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def case_parser(doc: str, repeat: int) -> argparse.ArgumentParser:
+    """The options every benchmark over the cases takes: --cases, --only, --dtype, --repeat,
+    --warmup and --out; ``doc`` (the script's docstring) gives the help text."""
     ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--cases", type=Path, default=default_cases())
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--dtype", default="float32", choices=sorted(TOL))
+    ap.add_argument("--repeat", type=int, default=repeat)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = case_parser(__doc__, repeat=30)
     ap.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="float32 only: highest (IEEE, the default), high (3xTF32), "
                          "medium (TF32)")  # fmt: skip
-    ap.add_argument("--repeat", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--families", action="store_true", help="also time every kernel family")
-    ap.add_argument("--out", type=Path, default=Path("bench_out"))
     args = ap.parse_args(argv)
     try:
         args.precision = resolve_precision(args.dtype, args.precision)

@@ -25,12 +25,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import (  # noqa: E402  (benchmarks/bench.py, beside this script)
-    TOL,
     bitwise_equal,
     case_inputs,
+    case_parser,
     cast,
     check_same_stream,
-    default_cases,
     err_ok,
     geomean,
     rel_err,
@@ -180,17 +179,7 @@ def summary(rows: list[dict]) -> dict[str, float]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--cases", type=Path, default=default_cases())
-    ap.add_argument("--only", default="", help="comma-separated case names")
-    ap.add_argument("--dtype", default="float32", choices=sorted(TOL))
-    ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    ap = case_parser(__doc__, repeat=20)
     ap.add_argument("--variants", action="store_true", help="also time every path and tile")
     return ap.parse_args(argv)
 

@@ -33,7 +33,6 @@ from torch import Tensor
 
 from . import _interop
 from ._backward import NEEDS, conv_transpose3d_backward
-from ._interop import on_torch_stream
 from ._params import ConvParams, IntOrTriple, as_triple
 from ._precision import resolve as resolve_precision
 
@@ -78,12 +77,9 @@ def _conv_transpose3d_op(
     groups: int,
     dilation: list[int],
 ) -> Tensor:
-    precision = resolve_precision(None)
+    # CUDA tensors run on torch's stream and allocate through torch there (graph-safe).
     args = (stride, padding, output_padding, groups, dilation)
-    if x.device.type != "cuda":
-        return _interop.conv_transpose3d_torch(x, weight, bias, *args, precision)
-    with on_torch_stream(x.device):
-        return _interop.conv_transpose3d_torch(x, weight, bias, *args, precision)
+    return _interop.conv_transpose3d_torch(x, weight, bias, *args, resolve_precision(None))
 
 
 @_conv_transpose3d_op.register_fake

@@ -68,6 +68,14 @@ class DeviceArray:
                 if arr is None:
                     with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
                         arr = cupy.asarray(self.host)
+                    # The copy is queued on this thread's current stream, but the table is
+                    # shared: another thread may launch with it at once on another stream,
+                    # which nothing orders after the copy. Finish it first (once per table and
+                    # device). Inside a CUDA graph capture a wait is not allowed; the copy is
+                    # then captured, and ordered before the capture's own launches.
+                    stream = cupy.cuda.get_current_stream()
+                    if not stream.is_capturing():
+                        stream.synchronize()
                     self._dev[dev] = arr
         return arr
 

@@ -66,8 +66,20 @@ __device__ __forceinline__ u32 to_tf32(float v) {
     return r;
 }
 // big = tf32(v), small = tf32(v - big): big + small carries v to about 2^-22 relative.
+// The three products a_small*b_big + a_big*b_small + a_big*b_big then keep IEEE's special values
+// only if an infinity sits where a finite partner meets it once, not as big with a residual that
+// may be 0 or of the other sign (Inf*0, Inf - Inf: NaN). So an infinite v splits as big = 0,
+// small = v: a_small*b_big gives Inf*tf32(b) and the other two products vanish. (Inf times
+// Inf, both operands infinite, gives NaN here.) A finite v within half a TF32 ulp of FLT_MAX,
+// which rounds up to Inf, splits at its truncation instead. A NaN stays NaN in big.
 __device__ __forceinline__ void split_tf32(float v, u32& big, u32& small) {
     big = to_tf32(v);
+    if (isinf(v)) {
+        small = __float_as_uint(v);
+        big = 0u;
+        return;
+    }
+    if (isinf(__uint_as_float(big))) big = __float_as_uint(v) & 0xffffe000u;
     float rest;
     asm("sub.rn.f32 %0, %1, %2;" : "=f"(rest) : "f"(v), "f"(__uint_as_float(big)));
     small = to_tf32(rest);

@@ -149,6 +149,34 @@ BIAS_MIN_SPAN = 4 * THREADS
 MAX_STRIDE_BLOCKS = 4096
 
 
+#: CUDA's limit on gridDim.x.
+MAX_GRID_X = 2**31 - 1
+#: The kernels keep per-axis coordinates (strided, and offset by the taps), tap indices and a
+#: group's channel indices in 32 bits; tensor offsets are 64-bit, so tensors of any element count
+#: are computed. A single extent from this size on is refused by check_extents.
+MAX_EXTENT = 2**30
+
+
+def check_extents(p: ConvParams) -> None:
+    """Raise ValueError where one extent of ``p`` is too long for the gradient kernels' 32-bit
+    coordinates: an axis whose uncropped forward output ((in - 1)*stride + dilation*(kernel - 1)
+    + 1) or output reaches MAX_EXTENT, or a group's channels times taps that do."""
+    for a, axis in enumerate(("depth", "height", "width")):
+        full = (p.in_size[a] - 1) * p.stride[a] + p.dilation[a] * (p.kernel[a] - 1) + 1
+        extent = max(full, p.out_size[a])
+        if extent >= MAX_EXTENT:
+            raise ValueError(
+                f"the {axis} axis spans {extent} positions ((in - 1)*stride + dilation*(kernel - "
+                f"1) + 1, or the output size): the GPU gradients take at most {MAX_EXTENT - 1}"
+            )
+    taps = p.kernel[0] * p.kernel[1] * p.kernel[2]
+    if 4 * taps >= MAX_EXTENT or p.C_out_g * taps >= MAX_EXTENT or p.C_in_g >= MAX_EXTENT:
+        raise ValueError(
+            f"C_in/groups={p.C_in_g}, C_out/groups={p.C_out_g} and {taps} kernel taps: the GPU "
+            f"gradients take C_in/groups and C_out/groups x taps (and 4 x taps) below {MAX_EXTENT}"
+        )
+
+
 def data_tiles(dtype: str) -> tuple[DataTile, ...]:
     return DATA_TILES_DOUBLE if dtype == "float64" else DATA_TILES_FLOAT
 
@@ -264,6 +292,7 @@ class GradInputPlan:
         tap_inner: bool = TAP_INNER,
         sm_count: int = SM_COUNT,
     ) -> GradInputPlan:
+        check_extents(p)
         if path is None:
             narrow = p.C_in_g <= NARROW_MAX_CI and cls.narrow_eligible(p, dtype, max_smem)
             path = "narrow" if narrow else "igemm"
@@ -274,6 +303,8 @@ class GradInputPlan:
                 raise ValueError(f"the narrow grad_input path does not fit {p}")
             ci, vx = narrow_variant(p)
             grid = (max(1, -(-voxels // (vx * THREADS))), p.groups * -(-p.C_in_g // ci), 1)
+            if grid[0] > MAX_GRID_X:
+                raise ValueError(f"grad_input grid {grid} is too large for {p}")
             return cls(p, dtype, path, grid, variant=(ci, vx), shared_mem=narrow_smem(p, dtype),
                        geom=geom, taps=taps)  # fmt: skip
         if path != "igemm":
@@ -282,7 +313,7 @@ class GradInputPlan:
         ci_pad = -(-p.C_in_g // tile.BN) * tile.BN
         co_pad = -(-p.C_out_g // tile.BK) * tile.BK
         grid = (max(1, -(-voxels // tile.BM)), ci_pad // tile.BN, p.groups)
-        if grid[1] > 65535 or grid[2] > 65535:
+        if grid[0] > MAX_GRID_X or grid[1] > 65535 or grid[2] > 65535:
             raise ValueError(f"grad_input grid {grid} is too large for {p}")
         n_taps = p.kernel[0] * p.kernel[1] * p.kernel[2]
         pack_grid = (_blocks(p.groups * n_taps * co_pad * ci_pad), 1, 1)
@@ -402,6 +433,7 @@ class GradWeightPlan:
     def build(
         cls, p: ConvParams, dtype: str, tile: WeightTile | None = None, splits: int | None = None
     ) -> GradWeightPlan:
+        check_extents(p)
         tile = tile or pick_weight_tile(p, dtype)
         splits = splits or pick_splits(p, dtype, tile)
         if p.groups * splits > 65535 or -(-p.C_in_g // tile.BM) > 65535:
@@ -456,6 +488,8 @@ class GradBiasPlan:
 
     @classmethod
     def build(cls, p: ConvParams, dtype: str) -> GradBiasPlan:
+        if p.C_out > MAX_GRID_X:  # the first pass's grid has a block a channel along x
+            raise ValueError(f"grad_bias takes at most {MAX_GRID_X} output channels, got {p.C_out}")
         vol = p.out_size[0] * p.out_size[1] * p.out_size[2]
         parts = max(1, min(-(-BIAS_BLOCKS // p.C_out), -(-vol // BIAS_MIN_SPAN), 65535))
         span = -(-vol // parts)

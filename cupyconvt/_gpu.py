@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from typing import Any
 
@@ -72,20 +73,46 @@ def _run(
         bias = cupy.ascontiguousarray(bias)
     channels_last = layout == "NDHWC"
     if out is None:
-        out = cupy.empty(from_logical_shape(p.out_shape, layout), dtype=x.dtype)
+        shape = from_logical_shape(p.out_shape, layout)
+        try:
+            out = cupy.empty(shape, dtype=x.dtype)
+        except MemoryError as e:  # CuPy's OutOfMemoryError is one
+            nbytes = x.dtype.itemsize * math.prod(shape)
+            what = f"the result, {shape} {dtype_name(x.dtype)} ({nbytes:,} bytes),"
+            _add_note(e, f"cupyconvt.conv_transpose3d: {what} does not fit in GPU {device_id}")
+            raise
     if out.size == 0:
         return out
     plan = select(p, dtype_name(x.dtype), device_info(device_id), family, precision)
-    if plan.family == "tc":
-        plan.launch(x, w, bias, out, channels_last)
-    elif not channels_last:
-        plan.launch(x, w, bias, out)
-    else:  # the CUDA-core families read and write NCDHW: transpose around them
-        spatial = p.in_size[0] * p.in_size[1] * p.in_size[2]
-        out_spatial = p.out_size[0] * p.out_size[1] * p.out_size[2]
-        x_ncdhw = cupy.empty(p.x_shape5, dtype=x.dtype)
-        transpose(x, x_ncdhw, p.N, spatial, p.C_in)
-        out_ncdhw = cupy.empty(p.out_shape5, dtype=x.dtype)
-        plan.launch(x_ncdhw, w, bias, out_ncdhw)
-        transpose(out_ncdhw, out, p.N, p.C_out, out_spatial)
+    try:
+        if plan.family == "tc":
+            plan.launch(x, w, bias, out, channels_last)
+        elif not channels_last:
+            plan.launch(x, w, bias, out)
+        else:  # the CUDA-core families read and write NCDHW: transpose around them
+            spatial = p.in_size[0] * p.in_size[1] * p.in_size[2]
+            out_spatial = p.out_size[0] * p.out_size[1] * p.out_size[2]
+            # Both workspaces before any launch: an allocation that fails leaves nothing queued.
+            x_ncdhw = cupy.empty(p.x_shape5, dtype=x.dtype)
+            out_ncdhw = cupy.empty(p.out_shape5, dtype=x.dtype)
+            transpose(x, x_ncdhw, p.N, spatial, p.C_in)
+            plan.launch(x_ncdhw, w, bias, out_ncdhw)
+            transpose(out_ncdhw, out, p.N, p.C_out, out_spatial)
+    except MemoryError as e:
+        what = f"a workspace of the {plan.family!r} kernels"
+        if channels_last and plan.family != "tc":
+            what += " (or the NCDHW copies of x and of the result)"
+        _add_note(e, f"cupyconvt.conv_transpose3d: {what} does not fit in GPU {device_id} "
+                     "beside the arguments and the result")  # fmt: skip
+        raise
     return out
+
+
+def _add_note(e: BaseException, note: str) -> None:
+    """Say which buffer did not fit (Python 3.11+; on 3.10 the allocator's message stands alone).
+
+    The exception keeps its type (CuPy's OutOfMemoryError, a MemoryError), so callers that catch
+    the allocator's error still do.
+    """
+    if hasattr(e, "add_note"):
+        e.add_note(note)

@@ -188,13 +188,17 @@ class GroupedPlan:
     @staticmethod
     def eligible(p: ConvParams, dtype: str) -> bool:
         """Whether some tile fits, and the grid (at most one block a cell, and a plane per
-        output channel at worst) and the kernel's 32-bit coordinates stay in range."""
+        output channel at worst) and the kernel's 32-bit coordinates stay in range: per-axis
+        sizes, channel and group counts, and a group's weights (indexed in 32 bits)."""
+        taps = p.kernel[0] * p.kernel[1] * p.kernel[2]
+        if (max(*p.in_size, *p.out_size) >= 2**30 or max(p.C_in, p.C_out) >= 2**31
+                or p.C_in_g * p.C_out_g * taps >= 2**31):  # fmt: skip
+            return False
         if GroupedPlan._layout(p, dtype) is None:
             return False
         qmax = [max(q for _, q, _ in a) for a in phase_axes(p)]
         cells = qmax[0] * qmax[1] * qmax[2]
-        return (cells < 2**31 and p.N * p.C_out <= 65535**2 and max(p.in_size) < 2**30
-                and max(p.out_size) < 2**30)  # fmt: skip
+        return cells < 2**31 and p.N * p.C_out <= 65535**2
 
     @classmethod
     def build(cls, p: ConvParams, dtype: str, sm_count: int = 0) -> GroupedPlan:

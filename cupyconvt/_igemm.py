@@ -95,6 +95,37 @@ def igemm_module(dtype: str, extra: tuple[GemmTile, ...] = ()) -> KernelModule:
     return KernelModule("igemm.cu", names)
 
 
+#: CUDA's limit on gridDim.x; and the smallest BM of any tile, which bounds the GEMM's gridDim.x
+#: by the phase voxels.
+MAX_GRID_X = 2**31 - 1
+MIN_BM = min(t.BM for t in FLOAT_TILES + SHORT_K_TILES + DOUBLE_TILES)
+#: Per-axis sizes and channel counts must stay below this: the kernels (and the int32 phase
+#: table) keep coordinates, tap offsets and channel indices in 32 bits, offsets added to them
+#: included. Tensor offsets are 64-bit; only a single axis (or channel run) this long is refused.
+MAX_EXTENT = 2**30
+
+
+def phase_voxels(p: ConvParams) -> int:
+    """The most phase voxels (the GEMM's M) any stride phase can have: N * prod ceil(out / s)."""
+    m = p.N
+    for o, s in zip(p.out_size, p.stride, strict=True):
+        m *= -(-o // s)
+    return m
+
+
+def fits_int32(p: ConvParams) -> bool:
+    """Whether every per-axis size, every tap index and the channels of a group fit the 32-bit
+    values of the phase-GEMM kernels (igemm.cu, tc.cu) with room for the offsets added to them.
+    Tensors of any element count pass: only a single extent of 2^30 or more is refused."""
+    taps = p.kernel[0] * p.kernel[1] * p.kernel[2]
+    return (
+        max(*p.in_size, *p.out_size) < MAX_EXTENT
+        and 4 * taps < MAX_EXTENT  # a phase's row of the table: 4 ints a tap
+        and p.C_in_g * taps < MAX_EXTENT  # K
+        and p.C_out_g < MAX_EXTENT
+    )
+
+
 def active_phase_table(p: ConvParams) -> tuple[np.ndarray, int, int, np.ndarray, bool]:
     """The phase table with the phases that have taps first (the GEMM launches over those alone),
     their count, max_taps, the per-axis tapless-residue flags (sD + sH + sW ints) that
@@ -146,8 +177,15 @@ class IgemmPlan:
 
     @staticmethod
     def eligible(p: ConvParams, dtype: str) -> bool:
+        """Whether the grid stays in CUDA's limits (y, z <= 65535; x, a tile of BM >= 64 phase
+        voxels, <= 2^31 - 1) and the kernels' 32-bit values in range (see fits_int32)."""
         phases = p.stride[0] * p.stride[1] * p.stride[2]
-        return p.groups * phases <= 65535 and -(-p.C_out_g // 16) <= 65535
+        return (
+            p.groups * phases <= 65535
+            and -(-p.C_out_g // 16) <= 65535
+            and phase_voxels(p) <= MIN_BM * MAX_GRID_X
+            and fits_int32(p)
+        )
 
     @classmethod
     def build(
@@ -187,15 +225,19 @@ class IgemmPlan:
         (module_, pack_name), (_, gemm_name), (_, fill_name) = self.kernels()
         module = module or module_
         geom = self.geom.get()
+        gemm = not (self.phases == 0 or self.grid[0] == 0 or self.grid[2] == 0)
+        # The workspace first: if it cannot be allocated, nothing has been launched and `out`
+        # is untouched.
+        if gemm:
+            shape = self.p.groups * self.phases * self.max_taps * self.ci_pad * self.co_pad
+            wp = cupy.empty(shape, dtype=acc_dtype(self.dtype))
         if self.fill_grid is not None:
             get_function(module, fill_name)(
                 self.fill_grid, (FILL_THREADS, 1, 1), (bias, out, self.tapless.get(), geom)
             )
-        if self.phases == 0 or self.grid[0] == 0 or self.grid[2] == 0:
+        if not gemm:
             return
         table = self.table.get()
-        shape = self.p.groups * self.phases * self.max_taps * self.ci_pad * self.co_pad
-        wp = cupy.empty(shape, dtype=acc_dtype(self.dtype))
         extents = (np.int32(self.phases), np.int32(self.max_taps), np.int32(self.ci_pad),
                    np.int32(self.co_pad))  # fmt: skip
         get_function(module, pack_name)(

@@ -174,6 +174,12 @@ class ConvParams:
                     f"+ dilation={dilation_t[i]}*(kernel={kernel[i]} - 1) "
                     f"+ output_padding={output_padding_t[i]} + 1"
                 )
+        out_elems = n * c_out * out_size[0] * out_size[1] * out_size[2]
+        if out_elems > 2**63 - 1:
+            raise ValueError(
+                f"the output would have N*C_out*D_out*H_out*W_out = {out_elems} elements "
+                f"(shape {(n, c_out, *out_size)}), more than 2**63 - 1: no array can hold it"
+            )
         if bias_shape is not None:
             bias_shape = tuple(int(s) for s in bias_shape)
             if bias_shape != (c_out,):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ._compile import KernelModule, get_function
+from ._igemm import MAX_GRID_X, fits_int32, phase_voxels
 from ._params import ConvParams
 from ._plans import CPP_TYPE, PHASE_HDR, DeviceArray, geometry, on_device, phase_table
 
@@ -145,6 +146,8 @@ def transpose(src: Any, dst: Any, batch: int, rows: int, cols: int) -> None:
 
 
 PACK_THREADS = 256
+#: The smallest BM of any tile: phase voxels per gathering block.
+MIN_BM = min(t.BM for itemsize in CHUNKS for bk in CHUNKS[itemsize] for t in _shapes(bk))
 #: Shared memory a halo block may take: two blocks an SM on an H100. (One block an SM with a
 #: bigger tile measured slower than gathering on kb61, kb70 and unet_k3s2 in float32.)
 HALO_SMEM = (112 * 1024,)
@@ -199,6 +202,7 @@ def _best_box(
     _, span = _spans(table)
     vec = 16 // itemsize
     pitch = ci_pad + vec  # 16-byte rows an odd number of 16-byte units apart: conflict-free
+    qmax = [max(int(r[3 + a]) for r in table) for a in range(3)]
     best, best_cost = None, None
     for e in itertools.product(range(8), repeat=3):
         box = tuple(2**v for v in e)
@@ -208,6 +212,9 @@ def _best_box(
         hb = HaloBox(box, (0, 0, 0), (hd, hh, hw), pitch)
         if tile.smem_bytes(itemsize, hb.elems()) > limit:
             continue
+        counts = tuple(-(-qmax[a] // box[a]) for a in range(3))
+        if p.N * counts[0] * counts[1] * counts[2] > MAX_GRID_X:  # the grid's x: one box a block
+            continue
         cost = 0
         for row in table:
             q, taps = row[3:6], int(row[6])
@@ -216,8 +223,6 @@ def _best_box(
                 n *= -(-int(q[a]) // box[a])
             cost += n * (taps * tile.BM * min(co_pad, tile.BN) + HALO_LOAD_COST * hd * hh * hw)
         if best_cost is None or cost < best_cost:
-            qmax = [max(int(r[3 + a]) for r in table) for a in range(3)]
-            counts = tuple(-(-qmax[a] // box[a]) for a in range(3))
             best, best_cost = replace(hb, counts=counts), cost
     return best
 
@@ -284,11 +289,15 @@ class TcPlan:
             return False
         itemsize = 4 if dtype == "float32" else 2
         phases = p.stride[0] * p.stride[1] * p.stride[2]
-        # 16-byte copies of channel runs: C_in_g a whole number of vectors.
+        # 16-byte copies of channel runs: C_in_g a whole number of vectors. The grid: y and z
+        # <= 65535, and x (a gathering tile has BM >= 128 phase voxels; a halo box grid that
+        # would not fit is never chosen) <= 2^31 - 1. The kernel's 32-bit values as igemm's.
         return (
             (p.C_in_g * itemsize) % 16 == 0
             and p.groups * phases <= 65535
             and -(-p.C_out_g // 16) <= 65535
+            and phase_voxels(p) <= MIN_BM * MAX_GRID_X
+            and fits_int32(p)
         )
 
     @classmethod

@@ -671,7 +671,7 @@ def test_sizes_past_int32_and_int64_are_exact():
     s = 2**22
     with pytest.raises(ValueError, match=r"more than 2\*\*63 - 1: no array can hold it"):
         cupyconvt.output_shape((1, 1, 2, 2, 2), (1, 1, 1, 1, 1), stride=s)
-    with pytest.raises(ValueError, match=r"\(s \+ 1\) ?\*\*|elements"):
+    with pytest.raises(ValueError, match="elements"):
         cupyconvt.conv_transpose3d(np.ones((1, 1, 2, 2, 2), np.float32),
                                    np.ones((1, 1, 1, 1, 1), np.float32), stride=s)  # fmt: skip
     just_fits = cupyconvt.output_shape((1, 1, 2, 2, 2), (1, 1, 1, 1, 1), stride=2**20)

@@ -66,23 +66,27 @@ __device__ __forceinline__ u32 to_tf32(float v) {
     return r;
 }
 // big = tf32(v), small = tf32(v - big): big + small carries v to about 2^-22 relative.
-// The three products a_small*b_big + a_big*b_small + a_big*b_big then keep IEEE's special values
-// only if an infinity sits where a finite partner meets it once, not as big with a residual that
-// may be 0 or of the other sign (Inf*0, Inf - Inf: NaN). So an infinite v splits as big = 0,
-// small = v: a_small*b_big gives Inf*tf32(b) and the other two products vanish. (Inf times
-// Inf, both operands infinite, gives NaN here.) A finite v within half a TF32 ulp of FLT_MAX,
-// which rounds up to Inf, splits at its truncation instead. A NaN stays NaN in big.
 __device__ __forceinline__ void split_tf32(float v, u32& big, u32& small) {
     big = to_tf32(v);
-    if (isinf(v)) {
-        small = __float_as_uint(v);
-        big = 0u;
-        return;
-    }
-    if (isinf(__uint_as_float(big))) big = __float_as_uint(v) & 0xffffe000u;
     float rest;
     asm("sub.rn.f32 %0, %1, %2;" : "=f"(rest) : "f"(v), "f"(__uint_as_float(big)));
     small = to_tf32(rest);
+}
+// The three products a_small*b_big + a_big*b_small + a_big*b_big keep IEEE's special values only
+// if an infinity meets its partner once, not as big beside a residual of NaN (Inf - Inf) or of
+// the other sign. The residual is not finite exactly when v is Inf or NaN, or v lies within half
+// a TF32 ulp of FLT_MAX and big rounded up to Inf; such a split is repaired to big = 0 and small
+// = v (FLT_MAX with v's sign in the last case), so that a_small*b_big carries v alone. (Both
+// operands infinite: Inf*0, NaN.)
+__device__ __forceinline__ bool split_needs_repair(u32 small) {
+    return !isfinite(__uint_as_float(small));
+}
+__device__ __forceinline__ void repair_split(u32& big, u32& small) {
+    const float fb = __uint_as_float(big), fs = __uint_as_float(small);
+    if (!isfinite(fs)) {
+        small = (isinf(fb) && isinf(fs)) ? __float_as_uint(copysignf(3.40282347e38f, fb)) : big;
+        big = 0u;
+    }
 }
 
 }  // namespace cct
@@ -396,16 +400,29 @@ tc_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
                     for (int j = 0; j < NTL; ++j) cct::mma_1688_tf32(acc[i][j], a[i], b[j]);
             } else {
                 u32 a_small[MT][4], b_small[NTL][2];
+                bool a_special = false;
 #pragma unroll
                 for (int i = 0; i < MT; ++i)
 #pragma unroll
-                    for (int r = 0; r < 4; ++r)
+                    for (int r = 0; r < 4; ++r) {
                         cct::split_tf32(__uint_as_float(a[i][r]), a[i][r], a_small[i][r]);
+                        a_special |= cct::split_needs_repair(a_small[i][r]);
+                    }
 #pragma unroll
                 for (int j = 0; j < NTL; ++j)
 #pragma unroll
                     for (int r = 0; r < 2; ++r)
                         cct::split_tf32(__uint_as_float(b[j][r]), b[j][r], b_small[j][r]);
+                // x's special values stay IEEE's (README, "Reliability"): a warp whose fragments
+                // hold one repairs its splits. The vote costs about 12% on kb68 (H100), a select
+                // in every split 24%; the weights' splits are not repaired, which the loose
+                // contract for non-finite weights allows (NaN in their own output channels).
+                if (__any_sync(0xffffffffu, a_special)) {
+#pragma unroll
+                    for (int i = 0; i < MT; ++i)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) cct::repair_split(a[i][r], a_small[i][r]);
+                }
                 // The three products of a k-step are summed by the tensor core into a fresh
                 // partial, which joins the accumulator by an IEEE add: tensor-core accumulation
                 // is not round-to-nearest, and over K in the thousands its error grew past

@@ -202,3 +202,32 @@ def test_weight_contract_is_loose_only_in_the_weights_channels():
     w = np.ones((4, 3, 1, 1, 1))
     w[3, 1, 0, 0, 0] = np.nan  # ci 3 is in group 1 of 2: output channel 1*3 + 1
     assert _weight_channels(Case("c", 1, 4, 6, (1, 1, 1), (1, 1, 1), dict(groups=2)), w) == [4]
+
+
+@pytest.mark.gpu
+def test_gpu_3xtf32_near_float32_max_stays_finite(rng):
+    """Inputs within a TF32 rounding step of FLT_MAX, with small weights: 3xTF32 rounds its
+    operands, and rounding must not carry them to Inf (NaN from the split). The tensor-core
+    family is forced; the result is finite and within TF32's error. (Plain TF32, "medium",
+    rounds such inputs to Inf, as a TF32 conversion does: README, "Reliability".)"""
+    precision = "high"
+    import cupy
+
+    from cupyconvt import _gpu
+
+    case = SPECIAL_CASES[-3]
+    x, w, b = case.arrays(rng, np.float64)
+    x = np.where(rng.random(x.shape) < 0.05, np.float32(np.finfo(np.float32).max), x)
+    x, w, b = x.astype(np.float32), (w * 1e-4).astype(np.float32), b.astype(np.float32)
+    p = ConvParams.from_args(x.shape, w.shape, b.shape, **case.kwargs)
+    assert eligible(p, "float32", "tc", precision)
+    ref = conv_transpose3d_oracle(x, w, b, **case.kwargs)
+    assert np.isfinite(ref).all() and np.abs(ref).max() < 1e37  # finite in float32
+    out = cupy.full(ref.shape, SENTINEL, dtype=np.float32)
+    _gpu.conv_transpose3d(cupy.asarray(x), cupy.asarray(w), cupy.asarray(b), p, out,
+                          family="tc", precision=precision)  # fmt: skip
+    got = cupy.asnumpy(out).astype(np.float64)
+    assert np.isfinite(got).all(), (
+        f"{precision}: {np.isinf(got).sum()} Inf, {np.isnan(got).sum()} NaN"
+    )
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= TOL_PRECISION["medium"]

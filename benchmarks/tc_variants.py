@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import TOL, case_inputs, default_cases, time_ms  # noqa: E402  (beside this script)
 
-from cupyconvt._tc import TcPlan, TcTile, pick_tile, tc_tiles  # noqa: E402
+from cupyconvt._tc import WG_TILES, TcPlan, TcTile, pick_tile, tc_tiles  # noqa: E402
 
 #: Tiles tried beside the production ones (--extra).
 EXTRA = {
@@ -61,14 +61,32 @@ def as_torch(a: Any) -> Any:
     return torch.from_dlpack(a)
 
 
+def wg_candidates(p: Any) -> tuple[TcTile, ...]:
+    """wgmma tiles of the narrowest width covering C_out_g (128 at most), with K chunks that pad
+    C_in_g by at most a third."""
+    bn = min((t.BN for t in WG_TILES if t.BN >= min(p.C_out_g, 128)), default=128)
+    tiles = tuple(t for t in WG_TILES if t.BN == bn and t.KT == 1
+                  and -(-p.C_in_g // t.BK) * t.BK * 3 <= 4 * p.C_in_g)  # fmt: skip
+    return tiles + tuple(replace(t, MINB=3) for t in tiles if t.BM == 256)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--modes", default="float16,bfloat16,float32/high,float32/medium")
     ap.add_argument("--only", default="")
     ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--tiles", default="", help="comma-separated tile names, e.g. 256x64k32h")
+    ap.add_argument(
+        "--tiles",
+        default="",
+        help="comma-separated tile names, e.g. 256x64k32h; 'extra': only the --extra/--wgmma tiles",
+    )
     ap.add_argument("--all-tiles", action="store_true", help="every tile, not only the picked BN")
     ap.add_argument("--extra", action="store_true", help="also the EXTRA tiles")
+    ap.add_argument(
+        "--wgmma",
+        action="store_true",
+        help="also the Hopper wgmma tiles of the narrowest width >= C_out_g",
+    )
     ap.add_argument("--cases", type=Path, default=default_cases())
     ap.add_argument(
         "--ncdhw-both",
@@ -120,9 +138,13 @@ def main() -> int:
             x_cl = cupy.ascontiguousarray(cupy.moveaxis(x, 1, -1))
             itemsize = 4 if dtype == "float32" else 2
             extra = EXTRA[itemsize] if args.extra else ()
+            if args.wgmma and itemsize == 2:
+                extra += wg_candidates(p)
             for t in tc_tiles(dtype) + extra:
                 name = t.name()
-                if args.tiles and name not in args.tiles.split(","):
+                if args.tiles == "extra" and t not in extra:
+                    continue
+                if args.tiles not in ("", "extra") and name not in args.tiles.split(","):
                     continue
                 if not args.tiles and not args.all_tiles and t.BN != picked.BN and t not in extra:
                     continue

@@ -106,7 +106,7 @@ def _problem(p: ConvParams) -> tuple:
 
 def _build(p: ConvParams, dtype: str, dev: DeviceInfo, family: str, precision: str) -> Plan:
     if family == "tc":
-        return TcPlan.build(p, dtype, precision, dev.sm_count)
+        return TcPlan.build(p, dtype, precision, dev.sm_count, cc=dev.compute_capability)
     if family == "igemm":
         return IgemmPlan.build(p, dtype, dev.sm_count)
     if family == "grouped":

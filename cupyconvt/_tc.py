@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compile import KernelModule, get_function
+from ._compile import BASE_OPTIONS, KernelModule, get_function
 from ._igemm import MAX_GRID_X, fits_int32, phase_voxels
 from ._params import ConvParams
 from ._plans import CPP_TYPE, PHASE_HDR, DeviceArray, geometry, on_device, phase_table
@@ -49,28 +49,42 @@ class TcTile:
     STAGES: int
     MINB: int = 2
     halo: bool = False
+    #: Hopper warpgroup MMAs (kernels/wgmma.cu, sm_90a, 16-bit types): a halo tile of boxes of
+    #: 8 x 8 x (BM / 64) voxels computed by two warpgroups; WM and WN are not used.
+    wg: bool = False
+    KT: int = 1  # wgmma tiles: (tap, BK channels) units of weights a ring slot holds
 
     def threads(self) -> int:
-        return self.WM * self.WN * 32
+        return 256 if self.wg else self.WM * self.WN * 32
 
     def template(self, dtype: str, mode: int, channels_last_out: bool) -> str:
         flag = {True: "true", False: "false"}
+        if self.wg:
+            return (
+                f"wg_conv_transpose3d<{CPP_TYPE[dtype]}, {self.BN}, {self.BK}, {self.BM // 128}, "
+                f"{self.KT}, {self.STAGES}, {self.MINB}, {flag[channels_last_out]}>"
+            )
         return (
             f"tc_conv_transpose3d<{CPP_TYPE[dtype]}, {mode}, {self.BM}, {self.BN}, {self.BK}, "
             f"{self.WM}, {self.WN}, {self.STAGES}, {self.MINB}, {flag[channels_last_out]}, "
             f"{flag[self.halo]}>"
         )
 
-    def smem_bytes(self, itemsize: int, halo_elems: int = 0) -> int:
+    def smem_bytes(self, itemsize: int, halo_elems: int = 0, taps: int = 0) -> int:
         """Dynamic shared memory: the input tile (``halo_elems`` elements) or the A ring, then
         the B ring; the float C tile of the epilogue reuses it."""
         vec = 16 // itemsize
         a = halo_elems if self.halo else self.STAGES * self.BM * (self.BK + vec)
-        ring = (a + self.STAGES * self.BN * (self.BK + vec)) * itemsize
+        pad = 0 if self.wg else vec  # wgmma's canonical layout has no padded rows
+        ring = (a + self.STAGES * self.KT * self.BN * (self.BK + pad)) * itemsize
+        if self.wg:
+            ring += 4 * taps  # each tap's shift of the input tile
         c_tile = 4 * max(self.BN * (self.BM + 4), self.BM * (self.BN + 4))
         return max(ring, c_tile)
 
     def name(self) -> str:
+        if self.wg:
+            return f"{self.BM}x{self.BN}k{self.BK}t{self.KT}w"
         return f"{self.BM}x{self.BN}k{self.BK}{'h' if self.halo else ''}"
 
 
@@ -102,25 +116,47 @@ def tc_tiles(dtype: str) -> tuple[TcTile, ...]:
     return tuple(t for bk in CHUNKS[itemsize] for t in _shapes(bk))
 
 
+#: Warpgroup-MMA tiles (kernels/wgmma.cu): wgmma widths BN, K chunks BK, d slices per
+#: warpgroup BM / 128, a 4-deep weight ring.
+WG_BN = (16, 24, 32, 48, 64, 96, 128)
+WG_TILES = tuple(
+    TcTile(128 * mw, bn, bk, 8, 1, 4, 1, halo=True, wg=True)
+    for bn in WG_BN
+    for bk in (64, 32, 16)
+    for mw in (2, 4)
+    if bn * mw <= 256  # accumulators: BN * MW / 2 registers a thread
+)
+#: wgmma needs sm_90a: the kernels are built for it (NVRTC takes the last of CuPy's -arch and
+#: this; both name the same chip) and run on compute capability 9.0 alone.
+WG_OPTIONS = (*BASE_OPTIONS, "--gpu-architecture=sm_90a")
+WG_CC = 90
+
+
 @cache
 def tc_module(dtype: str, mode: int, tile: TcTile) -> KernelModule:
     """One module per tile (both output layouts and the weight pack): a first call compiles only
     the tile it runs."""
     return KernelModule(
-        "tc.cu",
+        "wgmma.cu" if tile.wg else "tc.cu",
         (
             f"tc_pack_weights<{CPP_TYPE[dtype]}>",
             tile.template(dtype, mode, False),
             tile.template(dtype, mode, True),
         ),
+        WG_OPTIONS if tile.wg else BASE_OPTIONS,
     )
+
+
+def wg_tiles(dtype: str) -> tuple[TcTile, ...]:
+    """The wgmma tiles (16-bit types only)."""
+    return WG_TILES if dtype in ("float16", "bfloat16") else ()
 
 
 def all_tc_modules() -> list[KernelModule]:
     return [
         tc_module(dtype, mode, tile)
         for (dtype, _), mode in MODES.items()
-        for tile in tc_tiles(dtype)
+        for tile in tc_tiles(dtype) + wg_tiles(dtype)
     ]
 
 
@@ -163,9 +199,14 @@ class HaloBox:
     box: tuple[int, int, int]  # TD, TH, TW
     counts: tuple[int, int, int]  # boxes per sample along d, h, w
     tile: tuple[int, int, int]  # HD, HH, HW: the box plus the largest tap-offset span
-    pitch: int  # elements per staged voxel (C_in_g padded, bank-conflict free)
+    pitch: (
+        int  # elements per staged voxel (C_in_g padded, bank-conflict free); wgmma: voxels a plane
+    )
+    planes: int = 0  # wgmma tiles: planes of 8 channels, each `pitch` voxels of 16 bytes
 
     def elems(self) -> int:
+        if self.planes:
+            return self.planes * self.pitch * 8
         return self.tile[0] * self.tile[1] * self.tile[2] * self.pitch
 
 
@@ -188,6 +229,8 @@ def choose_box(
     """The box shape (TD*TH*TW = BM) of least estimated cost whose tile fits in HALO_SMEM, or
     None. Cost per channel: MMAs over every box voxel (partial boxes included) of every tap,
     plus HALO_LOAD_COST per staged input voxel."""
+    if tile.wg:
+        return _wg_box(p, table, tile, itemsize, ci_pad)
     for limit in HALO_SMEM:
         box = _best_box(p, table, tile, itemsize, ci_pad, co_pad, limit)
         if box is not None:
@@ -227,6 +270,29 @@ def _best_box(
     return best
 
 
+#: Shared memory a wgmma block may take (one block an SM; an H100 has 227 KiB).
+WG_SMEM = 200 * 1024
+
+
+def _wg_box(
+    p: ConvParams, table: np.ndarray, tile: TcTile, itemsize: int, ci_pad: int
+) -> HaloBox | None:
+    """The wgmma tile's box, 8 x 8 x (BM / 64) phase voxels (w, h, d), and its input tile stored
+    as planes of 8 channels at an odd pitch (kernels/wgmma.cu), or None if it does not fit."""
+    _, span = _spans(table)
+    box = (tile.BM // 64, 8, 8)
+    hd, hh, hw = (b + s_ for b, s_ in zip(box, span, strict=True))
+    pitch = hd * hh * hw | 1
+    hb = HaloBox(box, (0, 0, 0), (hd, hh, hw), pitch, ci_pad // 8)
+    if tile.smem_bytes(itemsize, hb.elems(), int(table[:, 6].max())) > WG_SMEM:
+        return None
+    qmax = [max(int(r[3 + a]) for r in table) for a in range(3)]
+    counts = (-(-qmax[0] // box[0]), -(-qmax[1] // box[1]), -(-qmax[2] // box[2]))
+    if p.N * counts[0] * counts[1] * counts[2] > MAX_GRID_X:
+        return None
+    return replace(hb, counts=counts)
+
+
 #: 16-bit halo tiles take the deepest K chunk that pads C_in_g by at most a third (and fits):
 #: fewer barriers per staged tile paid for more than the padded MMAs (float16, H100, 2026-11-24,
 #: NCDHW / NDHWC ms: kb70 C_in_g 48, 64 against 16: 4.31 / 3.48 against 5.05 / 3.84; kb61
@@ -234,11 +300,44 @@ def _best_box(
 DEEP_K_MAX_PAD = 4 / 3
 
 
-def pick_tile(p: ConvParams, dtype: str) -> TcTile:
-    """A halo tile where its input tile fits in shared memory, else a gathering one; among those
-    the tile wasting the fewest padded channels of C_out_g, then of C_in_g, the wider and then
-    the deeper one on a tie; for 16-bit types a deeper halo tile of that width if it pads C_in_g
-    by at most DEEP_K_MAX_PAD. Tiles are kept to HALO_SMEM (two blocks an SM)."""
+#: A wgmma box 8 deep (4 d slices a warpgroup) rather than 4 unless its depth pads the phase
+#: volume's by this much more: deeper boxes halve the blocks and their staging and epilogues
+#: (float16 NDHWC, H100, 2026-11-24, ms, 8 deep against 4: kb68 3.80 against 4.29, kb70 3.00
+#: against 3.57, unet_k3s2 0.62 against 0.69; kb58, whose 18 output planes pad to 24 against 20:
+#: 0.70 against 0.59).
+WG_DEEP_MAX_PAD = 1.15
+
+
+def pick_wg_tile(p: ConvParams, dtype: str) -> TcTile | None:
+    """The wgmma tile for a 16-bit problem, or None where its input tile does not fit: the
+    narrowest width covering C_out_g (128 at most), the deepest K chunk dividing C_in_g (the
+    least padding of the staged tile; 16 where none does), and an 8- or 4-deep box
+    (WG_DEEP_MAX_PAD). benchmarks/tc_variants.py --wgmma times the others."""
+    if dtype not in ("float16", "bfloat16"):
+        return None
+    table, _ = phase_table(p)
+    bn = min(b for b in WG_BN if b >= min(p.C_out_g, WG_BN[-1]))
+    bk = next((k for k in (64, 32, 16) if p.C_in_g % k == 0), 16)
+    qd = max(int(r[3]) for r in table)
+    deep_ok = -(-qd // 8) * 8 <= WG_DEEP_MAX_PAD * (-(-qd // 4) * 4)
+    itemsize = 2
+    for mw in (4, 2) if deep_ok else (2,):
+        t = next((t for t in WG_TILES if (t.BN, t.BK, t.BM) == (bn, bk, 128 * mw)), None)
+        if t is not None and _wg_box(p, table, t, itemsize, -(-p.C_in_g // bk) * bk):
+            return t
+    return None
+
+
+def pick_tile(p: ConvParams, dtype: str, cc: int = MIN_CC) -> TcTile:
+    """On compute capability 9.0, a wgmma tile for 16-bit types where one fits (pick_wg_tile).
+    Else a halo tile where its input tile fits in shared memory, else a gathering one; among
+    those the tile wasting the fewest padded channels of C_out_g, then of C_in_g, the wider and
+    then the deeper one on a tie; for 16-bit types a deeper halo tile of that width if it pads
+    C_in_g by at most DEEP_K_MAX_PAD. Tiles are kept to HALO_SMEM (two blocks an SM)."""
+    if cc == WG_CC:
+        wg = pick_wg_tile(p, dtype)
+        if wg is not None:
+            return wg
     itemsize = 4 if dtype == "float32" else 2
     table, _ = phase_table(p)
 
@@ -302,12 +401,14 @@ class TcPlan:
 
     @classmethod
     def build(
-        cls, p: ConvParams, dtype: str, precision: str, sm_count: int, tile: TcTile | None = None
-    ) -> TcPlan:
+        cls, p: ConvParams, dtype: str, precision: str, sm_count: int, tile: TcTile | None = None,
+        cc: int = MIN_CC,
+    ) -> TcPlan:  # fmt: skip
+        """``cc``: the device's compute capability (9.0 lets the wgmma tiles be picked)."""
         mode = tc_mode(dtype, precision)
         assert mode is not None
         table, max_taps = phase_table(p)
-        tile = tile or pick_tile(p, dtype)
+        tile = tile or pick_tile(p, dtype, cc)
         ci_pad = -(-p.C_in_g // tile.BK) * tile.BK
         co_pad = -(-p.C_out_g // tile.BN) * tile.BN
         phases = table.shape[0]
@@ -321,7 +422,7 @@ class TcPlan:
             hdr = [*box.box, *box.counts, *box.tile, box.pitch]
             box_table = DeviceArray(np.array(hdr + [v for m in mins for v in m], np.int32))
             blocks = p.N * box.counts[0] * box.counts[1] * box.counts[2]
-            smem = tile.smem_bytes(itemsize, box.elems())
+            smem = tile.smem_bytes(itemsize, box.elems(), max_taps)
         else:
             hdr_rows = table[:, :PHASE_HDR]
             m_max = max(p.N * int(h[3]) * int(h[4]) * int(h[5]) for h in hdr_rows)

@@ -58,7 +58,7 @@ from cupyconvt._igemm import GemmTile, IgemmPlan, igemm_tiles
 from cupyconvt._params import ConvParams
 from cupyconvt._plans import CPP_TYPE
 from cupyconvt._select import DeviceInfo, all_modules, eligible, select
-from cupyconvt._tc import _BITS, MODES, TcPlan, TcTile, layout_module, tc_tiles
+from cupyconvt._tc import _BITS, MODES, TcPlan, TcTile, layout_module, tc_tiles, wg_tiles
 
 Kernel = tuple[KernelModule, str]
 IntOrTriple = int | tuple[int, int, int]
@@ -613,7 +613,7 @@ def _tc() -> list[Problem]:
     goes through a workspace where most phases have no tap)."""
     out = []
     for k, (dt, prec) in enumerate(MODES):
-        for i, t in enumerate(tc_tiles(dt)):
+        for i, t in enumerate(tc_tiles(dt) + wg_tiles(dt)):
             for target in ("ncdhw", "ndhwc"):
                 # i + 5 k: another shape for the same tile in another mode
                 cands = _tc_candidates(dt, prec, t, target, i + 5 * k)

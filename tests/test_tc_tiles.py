@@ -1,6 +1,7 @@
 """The tensor-core family's tile choice (cupyconvt/_tc.py), checked on the CPU: every picked tile
 is one that CI compiles, its shared memory fits, a halo tile's box covers its block, and the
-deep-K rule for 16-bit types pads C_in_g by at most a third."""
+deep-K rule for 16-bit types pads C_in_g by at most a third. On compute capability 9.0 the
+wgmma tiles (kernels/wgmma.cu) are picked for 16-bit types where their input tile fits."""
 
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ import pytest
 
 from cupyconvt._params import ConvParams
 from cupyconvt._plans import phase_table
-from cupyconvt._tc import DEEP_K_MAX_PAD, HALO_SMEM, TcPlan, choose_box, pick_tile, tc_tiles
+from cupyconvt._tc import (
+    DEEP_K_MAX_PAD,
+    HALO_SMEM,
+    WG_SMEM,
+    TcPlan,
+    choose_box,
+    pick_tile,
+    pick_wg_tile,
+    tc_module,
+    tc_tiles,
+    wg_tiles,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = json.loads((ROOT / "benchmarks" / "cases.json").read_text())["cases"]
@@ -67,3 +79,52 @@ def test_deep_k_rule_on_the_measured_cases():
     assert pick_tile(by_name["kb61_cube_k3"], "float16").BK == 64
     assert pick_tile(by_name["kb77_dilated_strided"], "float16").BK == 32  # 32 -> 64 would double K
     assert pick_tile(by_name["kb70_cube96"], "float32").BK == 16  # float32 keeps the old rule
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("p", PROBLEMS)
+def test_hopper_pick_is_compiled_and_fits(p, dtype):
+    """cc 9.0: a wgmma tile for 16-bit types where one fits (built for sm_90a, listed for CI);
+    else the mma.sync pick, as on older GPUs."""
+    if not TcPlan.eligible(p, dtype, "medium"):
+        pytest.skip("tc is not eligible")
+    t = pick_tile(p, dtype, 90)
+    wg = pick_wg_tile(p, dtype)
+    if dtype == "float32":
+        assert wg is None
+    assert t == (wg or pick_tile(p, dtype, 80))
+    assert pick_tile(p, dtype, 89) == pick_tile(p, dtype, 80)  # sm_90a code runs on 9.0 alone
+    if not t.wg:
+        return
+    assert t in wg_tiles(dtype)
+    assert "--gpu-architecture=sm_90a" in tc_module(dtype, 0, t).options
+    plan = TcPlan.build(p, dtype, "highest", 132, cc=90)
+    assert plan.tile == t and plan.box is not None
+    d, h, w = plan.box.box
+    assert (h, w) == (8, 8) and 64 * d == t.BM  # 8 x 8 voxels a warpgroup's m64 slice
+    assert plan.box.pitch % 2 == 1 and plan.box.planes * 8 == plan.ci_pad
+    hd, hh, hw = plan.box.tile
+    assert plan.box.pitch >= hd * hh * hw
+    assert plan.smem <= WG_SMEM
+    assert t.BN >= min(p.C_out_g, 128) and p.C_in_g % t.BK == 0 or t.BK == 16
+
+
+def test_hopper_picks_on_the_measured_cases():
+    """The wgmma picks the H100 measurements asked for (WG_DEEP_MAX_PAD; float16 NDHWC ms)."""
+    by_name = {c["name"]: _params(c) for c in BENCH}
+    name = {k: pick_tile(p, "float16", 90).name() for k, p in by_name.items()
+            if TcPlan.eligible(p, "float16")}  # fmt: skip
+    assert name["kb68_k355"] == "512x64k32t1w"  # 3.80 against 4.29 for 256x64k32t1w
+    assert name["kb70_cube96"] == "512x24k16t1w"  # 3.00; the other chunks 3.43-3.73
+    assert name["kb58_asym_kernel"] == "256x16k32t1w"  # 0.59 against 0.70 8 deep
+    assert name["unet_k3s2_64to32"] == "512x32k64t1w"  # 0.62
+    assert not pick_tile(by_name["vnet_k4s2_256to128"], "float16", 90).wg  # does not fit
+
+
+def test_wgmma_header_is_generated():
+    """kernels/wgmma_ops.cuh is what scripts/gen_wgmma_ops.py writes."""
+    import subprocess
+    import sys
+
+    script = ROOT / "scripts" / "gen_wgmma_ops.py"
+    assert subprocess.run([sys.executable, str(script), "--check"]).returncode == 0

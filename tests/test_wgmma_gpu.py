@@ -1,0 +1,82 @@
+"""The Hopper wgmma tiles (kernels/wgmma.cu), each forced, against the float64 oracle.
+
+Every tile of ``wg_tiles`` (every width, K chunk and box depth), float16 and bfloat16, NCDHW and
+NDHWC results, with bias, on fresh random data, the output poisoned with NaN: an element left
+unwritten fails. Problems are chosen so that C_in_g and C_out_g pad (one partial wgmma width and
+a partial K chunk where the tile allows) and the boxes are partial at the volume's edges; one
+stride-2 problem has phases of different tap counts. Needs compute capability 9.0 (sm_90a).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from oracle import TOL, conv_transpose3d_oracle, rel_err
+
+from cupyconvt._params import ConvParams
+from cupyconvt._tc import WG_TILES, TcPlan
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def hopper():
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            pytest.skip("no CUDA GPU")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA GPU")
+    cc = int(cupy.cuda.Device().compute_capability)
+    if cc != 90:
+        pytest.skip(f"wgmma needs compute capability 9.0, this GPU is {cc}")
+    return cupy
+
+
+def _problem(t, i: int) -> tuple[ConvParams, dict]:
+    c_in = t.BK + 8 if t.BK < 64 else 40  # a partial K chunk (or a padded one)
+    c_out = max(8, t.BN - 5) if i % 2 else min(t.BN + 3, 133)  # a partial width, or two
+    kw = [dict(stride=1, padding=1), dict(stride=2, padding=1, output_padding=1),
+          dict(stride=(1, 2, 1), dilation=(2, 1, 1))][i % 3]  # fmt: skip
+    p = ConvParams.from_args((2 - i % 2, c_in, 9, 11, 10), (c_in, c_out, 3, 2, 3), (c_out,), **kw)
+    return p, kw
+
+
+@pytest.mark.parametrize("layout", ["NCDHW", "NDHWC"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("i,t", list(enumerate(WG_TILES)), ids=lambda v: getattr(v, "name", str)())
+def test_wgmma_tile_matches_oracle(hopper, i, t, dtype, layout):
+    cupy = hopper
+    p, kw = _problem(t, i)
+    if not TcPlan.eligible(p, dtype):
+        pytest.skip("not eligible")
+    try:
+        plan = TcPlan.build(p, dtype, "highest", 132, tile=t, cc=90)
+    except ValueError:
+        pytest.skip(f"the input tile of {t.name()} does not fit")
+    rng = np.random.default_rng(i)
+    x = rng.standard_normal(p.x_shape5) + 0.25
+    w = rng.standard_normal((p.C_in, p.C_out_g, *p.kernel)) / np.sqrt(p.C_in * 18)
+    b = rng.standard_normal(p.C_out)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        cast = ml_dtypes.bfloat16
+    else:
+        cast = np.float16
+    xq, wq, bq = (a.astype(cast) for a in (x, w, b))
+    ref = conv_transpose3d_oracle(*(a.astype(np.float64) for a in (xq, wq, bq)), **kw)
+    xd, wd, bd = (cupy.asarray(a.view(np.uint16)).view(cupy.float16 if dtype == "float16"
+                  else cupy.uint16) for a in (xq, wq, bq))  # fmt: skip
+    shape = p.out_shape5
+    if layout == "NDHWC":
+        xd = cupy.ascontiguousarray(cupy.moveaxis(xd, 1, -1))
+        shape = (shape[0], *shape[2:], shape[1])
+    out = cupy.full(shape, 0x7FFF, cupy.uint16)  # NaN in float16 and in bfloat16
+    out = out.view(cupy.float16) if dtype == "float16" else out
+    plan.launch(xd, wd, bd, out, layout == "NDHWC")
+    got = cupy.asnumpy(out).view(cast).astype(np.float64)
+    if layout == "NDHWC":
+        got = np.moveaxis(got, -1, 1)
+    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} elements unwritten"
+    assert rel_err(got, ref) <= TOL[dtype], (t.name(), rel_err(got, ref))

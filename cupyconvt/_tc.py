@@ -126,8 +126,8 @@ WG_TILES = tuple(
     for mw in (2, 4)
     if bn * mw <= 256  # accumulators: BN * MW / 2 registers a thread
 )
-#: wgmma needs sm_90a: the kernels are built for it (NVRTC takes the last of CuPy's -arch and
-#: this; both name the same chip) and run on compute capability 9.0 alone.
+#: wgmma needs sm_90a: the kernels are built for it (given this beside CuPy's -arch=sm_90, NVRTC
+#: 13.0 builds for sm_90a, in either order) and run on compute capability 9.0 alone.
 WG_OPTIONS = (*BASE_OPTIONS, "--gpu-architecture=sm_90a")
 WG_CC = 90
 

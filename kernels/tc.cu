@@ -25,7 +25,7 @@
 // memory so that stores are coalesced: runs of voxels of one channel (NCDHW out) or runs of
 // channels of one voxel (NDHWC out). Each output element is written once: deterministic.
 #include "common.cuh"
-#include "tc_pack.cuh"
+#include "tc_shared.cuh"
 
 namespace cct {
 
@@ -433,30 +433,7 @@ tc_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
                 cs[CL_OUT ? ml * CP + nl : nl * CP + ml] = acc[i][j][r];
             }
     __syncthreads();
-    const int C_out_g = static_cast<int>(g.C_out_g);
-    const int n0 = blockIdx.y * BN;
     const T* bias_g = g.has_bias ? bias + static_cast<i64>(grp) * g.C_out_g : nullptr;
-    if constexpr (CL_OUT) {
-#pragma unroll 4
-        for (int e = tid; e < BM * BN; e += NT) {
-            const int ml = e / BN, nl = e - ml * BN;
-            const int co = n0 + nl;
-            const i64 o = out_off[ml];
-            if (o >= 0 && co < C_out_g) {
-                const float b = bias_g != nullptr ? cct::to_acc(bias_g[co]) : 0.0f;
-                out[o + co] = cct::from_acc<T>(cct::add_ieee(cs[ml * CP + nl], b));
-            }
-        }
-    } else {
-#pragma unroll 4
-        for (int e = tid; e < BM * BN; e += NT) {
-            const int nl = e / BM, ml = e - nl * BM;
-            const int co = n0 + nl;
-            const i64 o = out_off[ml];
-            if (o >= 0 && co < C_out_g) {
-                const float b = bias_g != nullptr ? cct::to_acc(bias_g[co]) : 0.0f;
-                out[o + co * oVol] = cct::from_acc<T>(cct::add_ieee(cs[nl * CP + ml], b));
-            }
-        }
-    }
+    cct::store_c_tile<T, BM, BN, NT, CL_OUT>(cs, out_off, out, bias_g, blockIdx.y * BN,
+                                             static_cast<int>(g.C_out_g), oVol, tid);
 }

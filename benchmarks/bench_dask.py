@@ -1,13 +1,14 @@
 """Chunked against unchunked on one GPU: the cost of going through cupyconvt.dask.
 
-For two layers (2x trilinear upsampling, depthwise k4 s2 p1; and a dense k3 s2 p1 decoder layer)
-on a volume that fits on the GPU, it times one ``cupyconvt.conv_transpose3d`` call on the whole
-CuPy array against ``cupyconvt.dask.conv_transpose3d`` on the same array cut into blocks, computed
-with dask's threaded scheduler two ways: every output block, left as a block on the GPU (what a
-pipeline that writes blocks to a store pays), and ``.compute()`` into one CuPy array (which adds
-dask's concatenation of the blocks). Every variant is timed the same way: wall clock around the
-call and a device synchronization, median of --repeat runs after a warm-up. The chunked result
-is checked bitwise against the unchunked one (kernel family pinned on both sides).
+For layers on volumes that fit on the GPU (2x trilinear upsampling, depthwise k4 s2 p1, with 8
+and with 4 channels; a dense k3 s2 p1 decoder layer), it times one ``cupyconvt.conv_transpose3d``
+call on the whole CuPy array against ``cupyconvt.dask.conv_transpose3d`` on the same array cut into
+blocks: every output block computed and kept as a block on the GPU (``.persist()``: what a
+pipeline that hands blocks on, to a store say, pays), with dask's single-threaded ("sync") and
+threaded schedulers, and ``.compute()`` into one CuPy array (which adds dask's concatenation of
+the blocks). Every variant is timed the same way: wall clock around the call and a device
+synchronization, median of --repeat runs after a warm-up. The chunked result is checked bitwise
+against the unchunked one (kernel family pinned on both sides).
 
     PYTHONPATH=. python benchmarks/bench_dask.py [--size 256] [--chunk 128] [--repeat 5]
 """
@@ -45,10 +46,12 @@ def wall_ms(fn: Any, cupy: Any, warmup: int, repeat: int) -> float:
     return statistics.median(times)
 
 
-#: (name, C_in, C_out, kernel side, keyword arguments)
+#: (name, C_in, C_out, kernel side, keyword arguments, input side, block side); None: --size and
+#: --chunk.
 LAYERS = (
-    ("trilinear_x2_depthwise C8", 8, 8, 4, dict(stride=2, padding=1, groups=8)),
-    ("dense k3s2 C16->8", 16, 8, 3, dict(stride=2, padding=1, output_padding=1)),
+    ("trilinear_x2_depthwise C8", 8, 8, 4, dict(stride=2, padding=1, groups=8), None, None),
+    ("dense k3s2 C16->8", 16, 8, 3, dict(stride=2, padding=1, output_padding=1), None, None),
+    ("trilinear_x2_depthwise C4", 4, 4, 4, dict(stride=2, padding=1, groups=4), 512, 256),
 )
 
 
@@ -56,9 +59,9 @@ def run_layer(layer: tuple, size: int, chunk: int, repeat: int, rng: Any) -> tup
     """One table row (Markdown) and whether the chunked result equals the unchunked bitwise."""
     import cupy
     import dask
-    import dask.array as da
 
-    name, c_in, c_out, k, kw = layer
+    name, c_in, c_out, k, kw, layer_size, layer_chunk = layer
+    size, chunk = layer_size or size, layer_chunk or chunk
     groups = kw.get("groups", 1)
     x = cupy.asarray(rng.standard_normal((1, c_in, size, size, size), dtype=np.float32))
     w = cupy.asarray(rng.standard_normal((c_in, c_out // groups, k, k, k), dtype=np.float32))
@@ -66,19 +69,31 @@ def run_layer(layer: tuple, size: int, chunk: int, repeat: int, rng: Any) -> tup
                    kw.get("output_padding", 0), groups, 1)  # fmt: skip
     family = select(p, "float32", device_info(x.data.device_id)).family
     whole = gpu_conv(x, w, None, p, family=family)
-    xd = da.from_array(x, chunks=(1, c_in, chunk, chunk, chunk), asarray=False)
+    xd = da_from_array(x, chunk)
     yd = cupyconvt.dask.conv_transpose3d(xd, w, family=family, **kw)
-    with dask.config.set(scheduler="threads"):
-        chunked = yd.compute()
-        same = bool((chunked.view(cupy.uint32) == whole.view(cupy.uint32)).all())
-        ms_whole = wall_ms(lambda: gpu_conv(x, w, None, p, family=family), cupy, 2, repeat)
-        ms_chunked = wall_ms(yd.compute, cupy, 1, repeat)
-        parts = list(yd.to_delayed().ravel())
-        ms_blocks = wall_ms(lambda: dask.compute(*parts), cupy, 1, repeat)
+    chunked = yd.compute(scheduler="sync")
+    same = bool((chunked.view(cupy.uint32) == whole.view(cupy.uint32)).all())
+    del chunked, whole
+    ms = {"whole": wall_ms(lambda: gpu_conv(x, w, None, p, family=family), cupy, 2, repeat)}
+    for scheduler in ("sync", "threads"):
+        with dask.config.set(scheduler=scheduler):
+            ms[scheduler] = wall_ms(yd.persist, cupy, 1, repeat)
+    with dask.config.set(scheduler="sync"):
+        ms["array"] = wall_ms(yd.compute, cupy, 1, repeat)
     blocks = int(np.prod(xd.numblocks))
-    row = (f"| {name} | {family} | {ms_whole:.2f} | {ms_blocks:.2f} ({ms_whole / ms_blocks:.0%}) | "
-           f"{ms_chunked:.2f} ({ms_whole / ms_chunked:.0%}) | {blocks} | {same} |")  # fmt: skip
+    cells = " | ".join(
+        f"{ms[k]:.2f} ({ms['whole'] / ms[k]:.0%})" for k in ("sync", "threads", "array")
+    )
+    row = (f"| {name} | {size}^3 / {chunk}^3 | {family} | {ms['whole']:.2f} | {cells} | {blocks} "
+           f"| {same} |")  # fmt: skip
     return row, same
+
+
+def da_from_array(x: Any, chunk: int) -> Any:
+    """``x`` as a Dask array of ``chunk``^3 blocks (views of ``x``: no copies)."""
+    import dask.array as da
+
+    return da.from_array(x, chunks=(1, x.shape[1], chunk, chunk, chunk), asarray=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
     name = name.decode() if isinstance(name, bytes) else name
-    print(f"{name}, input {args.size}^3, blocks {args.chunk}^3, float32, dask {dask.__version__}")
-    print("| layer | family | unchunked ms | chunked, blocks ms (throughput vs unchunked) | "
-          "chunked, one array ms (throughput) | blocks | bitwise equal |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print(f"{name}, float32, dask {dask.__version__}, CuPy {cupy.__version__}")
+    print("| layer | input / blocks | family | unchunked ms | blocks, sync scheduler ms "
+          "(throughput vs unchunked) | blocks, threaded scheduler | one array (sync) | blocks "
+          "| bitwise equal |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     ok = True
     for layer in LAYERS:
         row, same = run_layer(layer, args.size, args.chunk, args.repeat, rng)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 
 Triple = tuple[int, int, int]
@@ -231,6 +231,37 @@ class ConvParams:
     @property
     def out_shape5(self) -> tuple[int, ...]:
         return (self.N, self.C_out, *self.out_size)
+
+    def full_size(self, axis: int) -> int:
+        """Length of the uncropped result along spatial ``axis``: ``(n-1)*s + dil*(k-1) + 1``."""
+        return (
+            (self.in_size[axis] - 1) * self.stride[axis]
+            + self.dilation[axis] * (self.kernel[axis] - 1)
+            + 1
+        )
+
+    def window(self, start: Triple, length: Triple) -> ConvParams:
+        """The same convolution, computing only a window of the uncropped result.
+
+        Along each spatial axis the result holds the ``length`` outputs that begin at index
+        ``start`` of the uncropped result (:meth:`full_size` long, before any padding crops it),
+        which is what padding ``start`` computes, ending wherever ``length`` says: an
+        asymmetric crop. The kernels and the CPU backend need nothing else (they read
+        ``padding`` and ``out_size``; ``output_padding`` is set to the value that keeps the
+        output-size formula true, and may lie outside PyTorch's range). For internal callers
+        (``cupyconvt.dask`` computes each output block this way, without a wider result to cut
+        down); the public functions never build one.
+        """
+        for axis in range(3):
+            if not (0 <= start[axis] and 1 <= length[axis]
+                    and start[axis] + length[axis] <= self.full_size(axis)):  # fmt: skip
+                raise ValueError(
+                    f"window start={start[axis]}, length={length[axis]} does not lie in the "
+                    f"uncropped result of {self.full_size(axis)} along {_AXES[axis]}"
+                )
+        out_pad = tuple(length[a] - self.full_size(a) + 2 * start[a] for a in range(3))
+        return replace(self, padding=tuple(start), output_padding=out_pad,
+                       out_size=tuple(length))  # fmt: skip
 
     @cached_property
     def useful_macs(self) -> int:

@@ -1,9 +1,10 @@
 """conv_transpose3d on Dask arrays: chunk by chunk, on the CPU, on one GPU or on several.
 
-Each output block is computed by one call of :func:`cupyconvt.conv_transpose3d` on the input
-slab it depends on: its input block plus the halo that the kernel, stride, dilation and padding
-require, gathered from as many neighbouring input blocks as needed. Output blocks map 1:1 to
-input blocks and never overlap, so nothing is computed twice and nothing is summed across blocks.
+Each output block is computed by one convolution (the kernels of
+:func:`cupyconvt.conv_transpose3d`) of the input slab it depends on: its input block plus the
+halo that the kernel, stride, dilation and padding require, gathered from as many neighbouring
+input blocks as needed. Output blocks map 1:1 to input blocks and never overlap, so nothing is
+computed twice and nothing is summed across blocks.
 
 The mapping, per spatial axis (``s`` stride, ``p`` padding, ``dil`` dilation, ``K`` kernel size,
 ``n`` the input size, ``O`` the output size). An input index ``i`` reaches the outputs
@@ -25,13 +26,15 @@ The mapping, per spatial axis (``s`` stride, ``p`` padding, ``dil`` dilation, ``
   lie in. Every input outside that range reaches only other output blocks, and every tap of an
   output in the block that falls outside it falls outside ``x`` too, so each output element sums
   the same terms as in the unchunked call.
-- The slab ``x[i_lo : i_hi+1]`` is convolved with ``padding = q`` and ``output_padding = 0``,
-  where ``q = max(0, min(a, F - b))`` trims the ends of the slab's full result
-  (``F = (L-1)*s + dil*(K-1) + 1`` long for a slab of ``L``, block at ``[a, b)`` in it with
-  ``a = o0 + p - i_lo*s``, ``b = a + o1 - o0``). Usually that result is the block itself.
-  Where it is longer on one side, the block is a view of it (no copy). Where it does not cover
-  the block (edges, ``output_padding``, outputs that no tap reaches), the block is copied out of
-  it and any output no input reaches gets the bias (or zero), as in the unchunked call.
+- The slab ``x[i_lo : i_hi+1]`` (on CuPy chunks widened along W, where ``x`` allows, to a
+  multiple of 8 voxels: its rows then move 16 bytes at a time) has an uncropped result
+  ``F = (L-1)*s + dil*(K-1) + 1`` long for a slab of ``L``, in which the block lies at
+  ``[a, b)`` with ``a = o0 + p - i_lo*s`` and ``b = a + o1 - o0``. The slab is convolved for
+  exactly the window ``[max(a, 0), min(b, F))`` of that result (``ConvParams.window``: an
+  asymmetric crop, which the kernels and the CPU backend compute directly). Usually the window
+  is the block itself, returned as it is. Where it does not cover the block (edges,
+  ``output_padding``, outputs that no tap reaches), it is copied into the block and every
+  output no input reaches gets the bias (or zero), as in the unchunked call.
 
 Batch blocks map to batch blocks. The channel axis must be one block: a channel-chunked ``x`` is
 rechunked to one channel block first (each task then holds every input channel of its slab).
@@ -41,7 +44,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,14 +79,15 @@ class _AxisPlan:
     """How one output block along one spatial axis is made.
 
     ``pieces`` lists ``(input block, start, stop)``: the parts of the input blocks that,
-    concatenated in order, form the slab (empty when no input reaches the block). The slab is
-    convolved with padding ``pad``; ``src`` of that result goes to ``dst`` of the block, which
-    is ``size`` long. ``exact``: the result is the block, nothing to crop or fill.
+    concatenated in order, form the slab (empty when no input reaches the block). The slab's
+    convolution computes ``length`` outputs from index ``start`` of its uncropped result
+    (``ConvParams.window``); they go to ``dst`` of the block, which is ``size`` long.
+    ``exact``: they are the block, nothing to fill.
     """
 
     pieces: tuple[tuple[int, int, int], ...]
-    pad: int
-    src: tuple[int, int]
+    start: int
+    length: int
     dst: tuple[int, int]
     size: int
     exact: bool
@@ -141,7 +147,7 @@ def _axis_plans(
         i_lo = max(0, -((span - o0 - p) // s))  # ceil((o0 + p - span) / s)
         i_hi = min(n - 1, (o1 - 1 + p) // s)
         if size == 0 or i_lo > i_hi:
-            plans.append(_AxisPlan((), 0, (0, 0), (0, 0), size, False))
+            plans.append(_AxisPlan((), 0, 0, (0, 0), size, False))
             continue
         short = -(i_hi - i_lo + 1) % multiple
         if short and n >= i_hi - i_lo + 1 + short:
@@ -154,13 +160,10 @@ def _axis_plans(
             if max(i_lo, b[blk]) < min(i_hi + 1, b[blk + 1])
         )
         full = (i_hi - i_lo) * s + span + 1
-        a = o0 + p - i_lo * s
-        q = max(0, min(a, full - (a + size)))
-        length = full - 2 * q
-        src = (max(a - q, 0), min(a - q + size, length))
-        dst = (src[0] - (a - q), src[1] - (a - q))
-        exact = a - q == 0 and size == length
-        plans.append(_AxisPlan(pieces, q, src, dst, size, exact))
+        a = o0 + p - i_lo * s  # where the block starts in the slab's uncropped result
+        start, end = max(a, 0), min(a + size, full)
+        exact = start == a and end == a + size
+        plans.append(_AxisPlan(pieces, start, end - start, (start - a, end - a), size, exact))
     return plans
 
 
@@ -210,7 +213,7 @@ class _Task:
     """Everything one output block needs besides the input blocks, w and bias."""
 
     axes: tuple[_AxisPlan, _AxisPlan, _AxisPlan]
-    params: tuple  # (stride, dilation, groups): the call's other arguments
+    params: ConvParams | None  # the slab's problem, windowed to the block (None: no input)
     c_out: int
     family: str | None
     precision: str
@@ -233,16 +236,25 @@ def _like(a: Any, kind: str, xp: Any) -> Any:
     return xp.asarray(a)  # no copy if ``a`` is on the current device, else moved there
 
 
-def _slab(blocks: list, axes: tuple[_AxisPlan, ...], xp: Any) -> Any:
-    """The input slab of one output block, from the nested list of input blocks it spans.
+def _slab(boxes: list, axes: tuple[_AxisPlan, ...], xp: Any) -> Any:
+    """The C-contiguous input slab of one output block.
 
-    Runs on the device of the first block; ``cupy.asarray`` moves parts of blocks that lie on
-    other GPUs to it.
+    ``boxes``: the input block of every piece combination ``(jd, jh, jw)`` of ``axes``'s pieces,
+    row-major. Runs on the device of the first box: CuPy blocks on that device are gathered by
+    one kernel (``_slab.gather``); parts of blocks on other GPUs are moved by ``cupy.asarray``.
     """
-    first = blocks[0][0][0]
-    if all(len(ax.pieces) == 1 for ax in axes):
-        return first[(slice(None), slice(None), *(slice(*ax.pieces[0][1:]) for ax in axes))]
+    first = boxes[0]
+    if len(boxes) == 1:
+        view = first[(slice(None), slice(None), *(slice(*ax.pieces[0][1:]) for ax in axes))]
+        if view.flags.c_contiguous:
+            return view
     lens = [sum(stop - start for _, start, stop in ax.pieces) for ax in axes]
+    if xp is not np:
+        from . import _slab as gather
+
+        if gather.gatherable(boxes, xp.cuda.runtime.getDevice()):
+            pieces = [[(start, stop - start) for _, start, stop in ax.pieces] for ax in axes]
+            return gather.gather(xp, boxes, pieces, lens)
     slab = xp.empty((*first.shape[:2], *lens), dtype=first.dtype)
     # (where in the slab, where in the block) of each piece, per axis
     spans = []
@@ -252,61 +264,86 @@ def _slab(blocks: list, axes: tuple[_AxisPlan, ...], xp: Any) -> Any:
             pairs.append((slice(pos, pos + stop - start), slice(start, stop)))
             pos += stop - start
         spans.append(pairs)
-    for jd, jh, jw in itertools.product(*(range(len(ax.pieces)) for ax in axes)):
-        (dd, sd), (dh, sh), (dw, sw) = spans[0][jd], spans[1][jh], spans[2][jw]
-        slab[:, :, dd, dh, dw] = xp.asarray(blocks[jd][jh][jw][:, :, sd, sh, sw])
+    combos = itertools.product(*spans)
+    for block, ((dd, sd), (dh, sh), (dw, sw)) in zip(boxes, combos, strict=True):
+        slab[:, :, dd, dh, dw] = xp.asarray(block[:, :, sd, sh, sw])
     return slab
 
 
-def _block(blocks: list, w: Any, bias: Any, task: _Task) -> Any:
-    """Compute one output block (runs on a worker)."""
-    ref = blocks[0][0][0]
+def _block(boxes: list, w: Any, bias: Any, *, task: _Task) -> Any:
+    """Compute one output block (runs on a worker) from the input blocks it reads: one box per
+    piece combination, row-major (see :func:`_slab`), or only its own block if no input reaches
+    it."""
+    ref = boxes[0]
     kind = array_kind(ref)
     xp = _module(kind)
     if kind == "cupy":
-        with xp.cuda.Device(ref.data.device_id):
-            return _block_on_device(blocks, w, bias, task, kind, xp)
-    return _block_on_device(blocks, w, bias, task, kind, xp)
+        device_id = ref.data.device_id
+        with _device_lock(device_id), xp.cuda.Device(device_id):
+            return _block_on_device(boxes, w, bias, task, kind, xp)
+    return _block_on_device(boxes, w, bias, task, kind, xp)
 
 
-def _block_on_device(blocks: list, w: Any, bias: Any, task: _Task, kind: str, xp: Any) -> Any:
-    from ._api import conv_transpose3d as conv
+_locks: dict[int, threading.Lock] = {}
 
-    ref = blocks[0][0][0]
+
+def _device_lock(device_id: int) -> threading.Lock:
+    """One lock per GPU: the tasks of one process take turns on a GPU.
+
+    A task only queues work on the GPU's stream, which runs it in order anyway; what threads
+    running tasks side by side share is the Python interpreter (the GIL), and under dask's
+    threaded scheduler they slowed each other down. With the lock a GPU's tasks take turns
+    (H100, ``benchmarks/bench_dask.py``, 8 blocks, threaded scheduler: 6.99 against 7.54 ms,
+    8.59 against 9.34, 18.30 against 20.00 without it; the single-threaded scheduler is faster
+    still). CPU chunks take no lock: NumPy's matrix products run side by side.
+    """
+    lock = _locks.get(device_id)
+    if lock is None:
+        lock = _locks.setdefault(device_id, threading.Lock())
+    return lock
+
+
+def _block_on_device(boxes: list, w: Any, bias: Any, task: _Task, kind: str, xp: Any) -> Any:
+    ref = boxes[0]
     w, bias = _like(w, kind, xp), _like(bias, kind, xp)
-    shape = (ref.shape[0], task.c_out, *(ax.size for ax in task.axes))
     res = None
-    if all(ax.pieces for ax in task.axes):
-        slab = _slab(blocks, task.axes, xp)
-        stride, dilation, groups = task.params
-        pad = tuple(ax.pad for ax in task.axes)
-        if task.family is None:
-            res = conv(slab, w, bias, stride, pad, 0, groups, dilation, precision=task.precision)
-        else:
+    if task.params is not None:
+        slab = _slab(boxes, task.axes, xp)
+        if kind == "cupy":
             from . import _gpu
 
-            p = ConvParams.from_args(slab.shape, w.shape, None if bias is None else bias.shape,
-                                     stride, pad, 0, groups, dilation)  # fmt: skip
-            res = _gpu.conv_transpose3d(slab, w, bias, p, None, family=task.family,
+            res = _gpu.conv_transpose3d(slab, w, bias, task.params, None, family=task.family,
                                         precision=task.precision)  # fmt: skip
+        else:
+            from . import _cpu
+
+            res = _cpu.conv_transpose3d(slab, w, bias, task.params)
         if all(ax.exact for ax in task.axes):
             return res
-        if all(ax.dst == (0, ax.size) for ax in task.axes):
-            # The result covers the block: hand back a view of it, not a copy (a strided copy of
-            # the whole block cost about as much as its convolution: H100, 128^3 blocks).
-            return res[(slice(None), slice(None), *(slice(*ax.src) for ax in task.axes))]
     # Outputs that no input reaches hold the bias (or zero), as in the unchunked call. Copies
     # only, no arithmetic: that works for every dtype CuPy can hold.
+    shape = (ref.shape[0], task.c_out, *(ax.size for ax in task.axes))
     if bias is None:
         out = xp.zeros(shape, dtype=ref.dtype)
     else:
         out = xp.empty(shape, dtype=ref.dtype)
         out[...] = bias.reshape(1, -1, 1, 1, 1)
     if res is not None:
-        src = tuple(slice(*ax.src) for ax in task.axes)
         dst = tuple(slice(*ax.dst) for ax in task.axes)
-        out[(slice(None), slice(None), *dst)] = res[(slice(None), slice(None), *src)]
+        out[(slice(None), slice(None), *dst)] = res
     return out
+
+
+def _task_spec() -> Any:
+    """dask's task classes (``Task``, ``TaskRef``, ``List``, ``DataNode``), where this dask has
+    them (2024.12 and later), else None: the graph is then written in legacy tuples."""
+    try:
+        import dask._task_spec as spec
+    except ImportError:
+        return None
+    if all(hasattr(spec, n) for n in ("Task", "TaskRef", "List", "DataNode")):
+        return spec
+    return None
 
 
 def _first_key(keys: Any) -> tuple:
@@ -473,20 +510,36 @@ def conv_transpose3d(
                     else 1)
         for axis in range(3)
     ]  # fmt: skip
-    layer: dict = {w_key: w}
-    if bias is not None:
-        layer[b_key] = bias
-    call = (p.stride, p.dilation, p.groups)
-    for n in range(len(x.chunks[0])):
+    spec = _task_spec()
+    layer: dict = {}
+    for key, value in ((w_key, w), (b_key, bias)):
+        if value is not None:
+            layer[key] = value if spec is None else spec.DataNode(key, value)
+    bias_shape = None if bias is None else bias.shape
+    for n, batch in enumerate(x.chunks[0]):
         for jd, jh, jw in itertools.product(*(range(len(pl)) for pl in plans)):
             axes = (plans[0][jd], plans[1][jh], plans[2][jw])
+            slab_p = None
             if all(ax.pieces for ax in axes):
                 bd, bh, bw = ([blk for blk, _, _ in ax.pieces] for ax in axes)
-                blocks = [[[(x_name, n, 0, i, j, k) for k in bw] for j in bh] for i in bd]
+                boxes = [(x_name, n, 0, *ijk) for ijk in itertools.product(bd, bh, bw)]
+                lens = [sum(stop - start for _, start, stop in ax.pieces) for ax in axes]
+                if batch:
+                    whole = ConvParams.from_args((batch, p.C_in, *lens), w.shape, bias_shape,
+                                                 p.stride, 0, 0, p.groups, p.dilation)  # fmt: skip
+                    slab_p = whole.window(tuple(ax.start for ax in axes),
+                                          tuple(ax.length for ax in axes))  # fmt: skip
             else:  # no input reaches this block: its own input block tells the array type
-                blocks = [[[(x_name, n, 0, jd, jh, jw)]]]
-            task = _Task(axes, call, p.C_out, family, precision)
-            layer[(name, n, 0, jd, jh, jw)] = (_block, blocks, w_key, b_key, task)
+                boxes = [(x_name, n, 0, jd, jh, jw)]
+            # The task's plan rides in a partial: dask looks into neither, at build or at run.
+            run = partial(_block, task=_Task(axes, slab_p, p.C_out, family, precision))
+            key = (name, n, 0, jd, jh, jw)
+            if spec is None:
+                layer[key] = (run, boxes, w_key, b_key)
+            else:  # dask's task objects: no conversion of a legacy tuple on every compute
+                ref = spec.TaskRef
+                layer[key] = spec.Task(key, run, spec.List(*map(ref, boxes)), ref(w_key),
+                                       None if b_key is None else ref(b_key))  # fmt: skip
     chunks = (x.chunks[0], (p.C_out,), *(tuple(ax.size for ax in pl) for pl in plans))
     if expr:
         from dask.array._array_expr._collection import from_graph

@@ -191,7 +191,7 @@ def test_axis_plans_read_exactly_the_footprint(rng):
 
 @pytest.mark.parametrize("multiple", [1, cdask.GPU_W_MULTIPLE])
 def test_axis_plans_replayed_in_1d_give_the_unchunked_result(rng, multiple):
-    """Replay each plan as the tasks do (slab, convolve with the plan's padding, crop, fill) in
+    """Replay each plan as the tasks do (slab, convolve for the plan's window, fill) in
     1D with the naive definition: the blocks joined equal the unchunked result exactly, also
     with slabs widened to a multiple of voxels (as for CuPy chunks along W)."""
     for chunks, cp in _axis_problems(rng, 600):
@@ -208,9 +208,12 @@ def test_axis_plans_replayed_in_1d_give_the_unchunked_result(rng, multiple):
                                        for blk, a, b in plan.pieces])  # fmt: skip
                 # widened wherever the input is long enough
                 assert len(slab) % multiple == 0 or n < -(-len(slab) // multiple) * multiple
-                res = _conv1d(slab, w, s, plan.pad, dil, 0)
-                assert plan.exact == (plan.src == (0, len(res)) and len(res) == plan.size)
-                block[slice(*plan.dst)] = res[slice(*plan.src)]
+                full = _conv1d(slab, w, s, 0, dil, 0)  # the uncropped result
+                assert 0 <= plan.start and plan.start + plan.length <= len(full)
+                res = full[plan.start : plan.start + plan.length]  # what ConvParams.window gives
+                assert plan.dst[1] - plan.dst[0] == plan.length
+                assert plan.exact == (plan.dst == (0, plan.size))
+                block[slice(*plan.dst)] = res
             blocks.append(block)
         np.testing.assert_array_equal(np.concatenate(blocks), ref)
 
@@ -294,6 +297,20 @@ def test_weight_is_stored_once_in_the_graph(rng):
     size = len(pickle.dumps(dict(y.__dask_graph__())))
     assert w.nbytes < size < 2 * w.nbytes
     assert rel_err(y.compute(), cupyconvt.conv_transpose3d(x, w, b, padding=2)) <= SAME
+
+
+def test_legacy_tuple_graph_gives_the_same_result(rng, monkeypatch):
+    """Where dask has no task classes, the graph is written in legacy tuples: same blocks."""
+    x = rng.standard_normal((2, 3, 5, 6, 7))
+    w = rng.standard_normal((3, 2, 3, 3, 3))
+    b = rng.standard_normal(2)
+    xd = da.from_array(x, chunks=(1, 3, 2, 4, 3))
+    y = cdask.conv_transpose3d(xd, w, b, stride=2, padding=1)
+    assert not any(type(v) is tuple for v in dict(y.__dask_graph__()).values())
+    monkeypatch.setattr(cdask, "_task_spec", lambda: None)
+    legacy = cdask.conv_transpose3d(xd, w, b, stride=2, padding=1)
+    assert any(type(v) is tuple for v in dict(legacy.__dask_graph__()).values())
+    np.testing.assert_array_equal(legacy.compute(), y.compute())
 
 
 def test_graph_name_is_deterministic(rng):
@@ -538,3 +555,57 @@ def test_two_gpus(rng):
     for idx, blk in zip(itertools.product(*(range(n) for n in y.numblocks)), blocks, strict=True):
         region = tuple(slice(s[i], s[i + 1]) for s, i in zip(starts, idx, strict=True))
         assert rel_err(blk.get(), ref[region]) <= TOL["float32"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("views", [False, True], ids=["blocks", "views"])
+@pytest.mark.parametrize(
+    ("x_shape", "chunks", "kernel", "dilation"),
+    [
+        ((2, 3, 9, 7, 13), (1, 3, 4, 3, 5), (4, 3, 4), 1),  # a few pieces an axis
+        ((1, 2, 3, 2, 40), (1, 2, 2, 1, 1), (2, 2, 5), (1, 1, 20)),  # up to 40 pieces along W
+    ],
+    ids=["few", "wide"],
+)
+def test_gpu_slab_gather_is_the_pieces(x_shape, chunks, kernel, dilation, views, dtype, rng):
+    """kernels/slab.cu gathers every task's slab bitwise equal to CuPy's own copies of its
+    pieces: from separate blocks and from views into one array (strided rows), for 2-, 4- and
+    8-byte dtypes, with a few pieces an axis and with more than 32 along W (the kernel's
+    piece-by-piece path)."""
+    import cupy
+
+    from cupyconvt import _slab
+
+    x = rng.standard_normal(x_shape).astype(dtype)
+    if views:
+        xd = da.from_array(cupy.asarray(x), chunks=chunks, asarray=False)
+    else:
+        xd = _to_gpu(x, chunks)
+    w_shape = (x_shape[1], 2, *kernel)
+    p = cupyconvt.ConvParams.from_args(x_shape, w_shape, None, 2, 1, 0, 1, dilation)
+    blocks = np.empty(xd.numblocks, dtype=object)
+    for idx, value in zip(itertools.product(*(range(n) for n in xd.numblocks)),
+                          dask.compute(*xd.to_delayed().ravel(), scheduler="sync"),
+                          strict=True):  # fmt: skip
+        blocks[idx] = value
+    plans = [_axis_plans(xd.chunks[2 + a], p, a, cdask.GPU_W_MULTIPLE if a == 2 else 1)
+             for a in range(3)]  # fmt: skip
+    widest = max(len(ax.pieces) for ax in plans[2])
+    assert (widest > 32) == (x_shape[-1] == 40)
+    for n in range(xd.numblocks[0]):
+        for axes in itertools.product(*plans):
+            if not all(ax.pieces for ax in axes):
+                continue
+            boxes = [blocks[n, 0, i, j, k]
+                     for i, j, k in itertools.product(*([b for b, _, _ in ax.pieces]
+                                                         for ax in axes))]  # fmt: skip
+            got = cdask._slab(boxes, axes, cupy)
+            gatherable = _slab.gatherable
+            try:
+                _slab.gatherable = lambda *args: False  # CuPy's slice assignments instead
+                want = cdask._slab(boxes, axes, cupy)
+            finally:
+                _slab.gatherable = gatherable
+            assert got.flags.c_contiguous and got.shape == want.shape
+            assert got.get().tobytes() == want.get().tobytes()

@@ -125,3 +125,23 @@ def test_params_cache_keeps_bool_and_float_apart():
     with pytest.raises(TypeError, match="groups must be an int"):
         cupyconvt.conv_transpose3d(x, w, padding=1, groups=1.0)
     assert cupyconvt.conv_transpose3d(x, w, padding=[1, 1, 1]).shape == (1, 2, 4, 4, 4)
+
+
+def test_window_is_a_slice_of_the_uncropped_result():
+    """ConvParams.window (what cupyconvt.dask computes each block with): the CPU backend gives
+    exactly that slice of the uncropped result, asymmetric on every axis."""
+    from cupyconvt import _cpu
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 2, 4, 5, 3))
+    w = rng.standard_normal((2, 3, 3, 2, 4))
+    p = ConvParams.from_args(x.shape, w.shape, None, (2, 1, 3), 0, 0, 1, (1, 2, 1))
+    assert [p.full_size(a) for a in range(3)] == list(p.out_size) == [9, 7, 10]
+    full = _cpu.conv_transpose3d(x, w, None, p)
+    win = p.window((1, 0, 2), (5, 3, 7))
+    assert win.out_size == (5, 3, 7) and win.padding == (1, 0, 2)
+    np.testing.assert_array_equal(_cpu.conv_transpose3d(x, w, None, win),
+                                  full[:, :, 1:6, 0:3, 2:9])  # fmt: skip
+    for start, length in (((0, 0, 0), (10, 1, 1)), ((0, -1, 0), (1, 1, 1)), ((0, 0, 0), (1, 0, 1))):
+        with pytest.raises(ValueError, match="does not lie in the uncropped result"):
+            p.window(start, length)

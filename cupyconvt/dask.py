@@ -130,13 +130,16 @@ GPU_W_MULTIPLE = 8
 
 
 def _axis_plans(
-    chunks: tuple[int, ...], cp: ConvParams, axis: int, multiple: int = 1
+    chunks: tuple[int, ...], cp: ConvParams, axis: int, multiple: int = 1, align: int = 1
 ) -> list[_AxisPlan]:
     """The plan of every output block along spatial ``axis``, from the input's ``chunks``.
 
-    ``multiple``: widen each slab, where the input allows, to a multiple of this many voxels
-    (first to the right, then to the left); the extra inputs reach only outputs outside the
-    block, which are cut away."""
+    ``align``: start each slab at an input index that is a multiple of this many voxels.
+    ``multiple``: then widen it, where the input allows, to a multiple of this many voxels
+    (first to the right, then to the left). The extra inputs reach only outputs outside the
+    block, which are not computed. (On CuPy chunks along W, slab rows then start and end on 16
+    bytes, and so does every piece of a block whose width is a multiple of 16 bytes: the slab
+    gather moves them 16 bytes at a time.)"""
     n, s, p = cp.in_size[axis], cp.stride[axis], cp.padding[axis]
     span = cp.dilation[axis] * (cp.kernel[axis] - 1)
     b = _boundaries(chunks)
@@ -149,6 +152,7 @@ def _axis_plans(
         if size == 0 or i_lo > i_hi:
             plans.append(_AxisPlan((), 0, 0, (0, 0), size, False))
             continue
+        i_lo -= i_lo % align
         short = -(i_hi - i_lo + 1) % multiple
         if short and n >= i_hi - i_lo + 1 + short:
             right = min(short, n - 1 - i_hi)
@@ -505,9 +509,10 @@ def conv_transpose3d(
     w_key = ("cupyconvt-weight-" + w_token,)
     b_key = None if bias is None else ("cupyconvt-bias-" + b_token,)
 
+    gpu_w = kind == "cupy"  # CuPy slabs: rows of whole 16-byte units (see _axis_plans)
     plans = [
-        _axis_plans(x.chunks[2 + axis], p, axis, GPU_W_MULTIPLE if kind == "cupy" and axis == 2
-                    else 1)
+        _axis_plans(x.chunks[2 + axis], p, axis, GPU_W_MULTIPLE if gpu_w and axis == 2 else 1,
+                    max(1, 16 // x.dtype.itemsize) if gpu_w and axis == 2 else 1)
         for axis in range(3)
     ]  # fmt: skip
     spec = _task_spec()

@@ -189,11 +189,12 @@ def test_axis_plans_read_exactly_the_footprint(rng):
             assert reaches <= set(read)
 
 
-@pytest.mark.parametrize("multiple", [1, cdask.GPU_W_MULTIPLE])
-def test_axis_plans_replayed_in_1d_give_the_unchunked_result(rng, multiple):
+@pytest.mark.parametrize(("multiple", "align"), [(1, 1), (cdask.GPU_W_MULTIPLE, 1),
+                                                 (cdask.GPU_W_MULTIPLE, 4), (8, 8)])  # fmt: skip
+def test_axis_plans_replayed_in_1d_give_the_unchunked_result(rng, multiple, align):
     """Replay each plan as the tasks do (slab, convolve for the plan's window, fill) in
     1D with the naive definition: the blocks joined equal the unchunked result exactly, also
-    with slabs widened to a multiple of voxels (as for CuPy chunks along W)."""
+    with slabs aligned and widened to multiples of voxels (as for CuPy chunks along W)."""
     for chunks, cp in _axis_problems(rng, 600):
         n, k, s, p, dil, op = _axis(cp)
         x = rng.standard_normal(n)
@@ -201,13 +202,16 @@ def test_axis_plans_replayed_in_1d_give_the_unchunked_result(rng, multiple):
         ref = _conv1d(x, w, s, p, dil, op)
         starts = np.cumsum((0, *chunks))
         blocks = []
-        for plan in _axis_plans(chunks, cp, 0, multiple):
+        for plan in _axis_plans(chunks, cp, 0, multiple, align):
             block = np.zeros(plan.size)
             if plan.pieces:
                 slab = np.concatenate([x[starts[blk] + a : starts[blk] + b]
                                        for blk, a, b in plan.pieces])  # fmt: skip
-                # widened wherever the input is long enough
+                # widened wherever the input is long enough, starting aligned (unless widened
+                # to the left at the input's end)
                 assert len(slab) % multiple == 0 or n < -(-len(slab) // multiple) * multiple
+                i_lo = starts[plan.pieces[0][0]] + plan.pieces[0][1]
+                assert i_lo % align == 0 or i_lo + len(slab) == n
                 full = _conv1d(slab, w, s, 0, dil, 0)  # the uncropped result
                 assert 0 <= plan.start and plan.start + plan.length <= len(full)
                 res = full[plan.start : plan.start + plan.length]  # what ConvParams.window gives
@@ -565,14 +569,15 @@ def test_two_gpus(rng):
     [
         ((2, 3, 9, 7, 13), (1, 3, 4, 3, 5), (4, 3, 4), 1),  # a few pieces an axis
         ((1, 2, 3, 2, 40), (1, 2, 2, 1, 1), (2, 2, 5), (1, 1, 20)),  # up to 40 pieces along W
+        ((1, 2, 5, 4, 48), (1, 2, 3, 2, 16), (3, 3, 4), 1),  # 16-byte pieces (16-wide blocks)
     ],
-    ids=["few", "wide"],
+    ids=["few", "wide", "aligned"],
 )
 def test_gpu_slab_gather_is_the_pieces(x_shape, chunks, kernel, dilation, views, dtype, rng):
     """kernels/slab.cu gathers every task's slab bitwise equal to CuPy's own copies of its
     pieces: from separate blocks and from views into one array (strided rows), for 2-, 4- and
-    8-byte dtypes, with a few pieces an axis and with more than 32 along W (the kernel's
-    piece-by-piece path)."""
+    8-byte dtypes; with pieces of odd widths (column by column), with more than 32 along W (the
+    kernel's piece-by-piece path), and with 16-byte aligned pieces (16 bytes at a time)."""
     import cupy
 
     from cupyconvt import _slab
@@ -589,7 +594,9 @@ def test_gpu_slab_gather_is_the_pieces(x_shape, chunks, kernel, dilation, views,
                           dask.compute(*xd.to_delayed().ravel(), scheduler="sync"),
                           strict=True):  # fmt: skip
         blocks[idx] = value
-    plans = [_axis_plans(xd.chunks[2 + a], p, a, cdask.GPU_W_MULTIPLE if a == 2 else 1)
+    align = 16 // np.dtype(dtype).itemsize
+    plans = [_axis_plans(xd.chunks[2 + a], p, a, *((cdask.GPU_W_MULTIPLE, align) if a == 2
+                                                  else (1, 1)))
              for a in range(3)]  # fmt: skip
     widest = max(len(ax.pieces) for ax in plans[2])
     assert (widest > 32) == (x_shape[-1] == 40)

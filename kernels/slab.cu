@@ -26,6 +26,13 @@ __device__ __forceinline__ int piece_of(const i64* wp, int j, const i64 col) {
     return j;
 }
 
+__device__ __forceinline__ i64 row_source(const i64* pieces, const i64 x, int& j) {
+    // Along depth or height: the piece j that holds slab index x, and x's index in its block.
+    j = 0;
+    while (x >= __ldg(pieces + 3 * j) + __ldg(pieces + 3 * j + 1)) ++j;
+    return x - __ldg(pieces + 3 * j) + __ldg(pieces + 3 * j + 2);
+}
+
 template <typename T>
 __device__ __forceinline__ i64 box_base(const i64* box, const i64* wp, int j, i64 n, i64 c, i64 sd,
                                         i64 sh) {
@@ -52,9 +59,8 @@ gather_slab(T* __restrict__ slab, const i64* __restrict__ table, const i64 N, co
     for (i64 pl = blockIdx.x; pl < planes; pl += gridDim.x) {
         const i64 d = pl % Ld, nc = pl / Ld;
         const i64 c = nc % C, n = nc / C;
-        int jd = 0;
-        while (d >= __ldg(dp + 3 * jd) + __ldg(dp + 3 * jd + 1)) ++jd;
-        const i64 sd = d - __ldg(dp + 3 * jd) + __ldg(dp + 3 * jd + 2);
+        int jd, jh;
+        const i64 sd = row_source(dp, d, jd);
         const i64* plane_boxes = boxes + 5 * static_cast<i64>(jd) * Ph * Pw;
         T* plane = slab + pl * Lh * Lw;
         if (Pw <= 32) {
@@ -68,9 +74,7 @@ gather_slab(T* __restrict__ slab, const i64* __restrict__ table, const i64 N, co
                                        : Pw - 1;
                 }
                 for (i64 h = warp; h < Lh; h += WARPS) {
-                    int jh = 0;
-                    while (h >= __ldg(hp + 3 * jh) + __ldg(hp + 3 * jh + 1)) ++jh;
-                    const i64 sh = h - __ldg(hp + 3 * jh) + __ldg(hp + 3 * jh + 2);
+                    const i64 sh = row_source(hp, h, jh);
                     const i64* row_boxes = plane_boxes + 5 * static_cast<i64>(jh) * Pw;
                     const i64 base =
                         lane < Pw ? box_base<T>(row_boxes + 5 * lane, wp, lane, n, c, sd, sh) : 0;
@@ -118,17 +122,14 @@ gather_slab(T* __restrict__ slab, const i64* __restrict__ table, const i64 N, co
             continue;
         }
         for (i64 h = warp; h < Lh; h += WARPS) {
-            int jh = 0;
-            while (h >= __ldg(hp + 3 * jh) + __ldg(hp + 3 * jh + 1)) ++jh;
-            const i64 sh = h - __ldg(hp + 3 * jh) + __ldg(hp + 3 * jh + 2);
+            const i64 sh = row_source(hp, h, jh);
+            const i64* row_boxes = plane_boxes + 5 * static_cast<i64>(jh) * Pw;
+            T* dst = plane + h * Lw;
             for (int jw = 0; jw < Pw; ++jw) {
-                const i64* box = plane_boxes + 5 * (static_cast<i64>(jh) * Pw + jw);
-                const T* src = reinterpret_cast<const T*>(__ldg(box)) + n * __ldg(box + 1) +
-                               c * __ldg(box + 2) + sd * __ldg(box + 3) + sh * __ldg(box + 4) +
-                               __ldg(wp + 3 * jw + 2);
-                T* out = plane + h * Lw + __ldg(wp + 3 * jw);
-                const i64 len = __ldg(wp + 3 * jw + 1);
-                for (i64 i = lane; i < len; i += 32) out[i] = src[i];
+                const i64 base = box_base<T>(row_boxes + 5 * jw, wp, jw, n, c, sd, sh);
+                const T* src = reinterpret_cast<const T*>(base);
+                const i64 start = __ldg(wp + 3 * jw), stop = start + __ldg(wp + 3 * jw + 1);
+                for (i64 i = start + lane; i < stop; i += 32) dst[i] = src[i];
             }
         }
     }

@@ -10,7 +10,6 @@ strides (a few hundred bytes, copied to the device asynchronously by ``cupy.asar
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
@@ -18,9 +17,8 @@ from typing import Any
 import numpy as np
 
 from ._compile import KernelModule, get_function
+from ._tc import _BITS  # the unsigned type of each itemsize, as for the layout transposes
 
-#: Unsigned type of each itemsize: the gather moves bits.
-_BITS = {2: "u16", 4: "u32", 8: "u64"}
 THREADS = 256
 _MAX_BLOCKS = 1 << 20
 
@@ -81,8 +79,3 @@ def gather(
     # dev_table goes back to CuPy's pool when it is dropped here; the pool hands it out again
     # only to work later on this stream, which runs after the kernel.
     return slab
-
-
-def box_order(counts: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(jd, jh, jw) of every box, in the row-major order :func:`gather` expects."""
-    return list(itertools.product(*(range(k) for k in counts)))

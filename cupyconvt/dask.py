@@ -26,8 +26,9 @@ The mapping, per spatial axis (``s`` stride, ``p`` padding, ``dil`` dilation, ``
   lie in. Every input outside that range reaches only other output blocks, and every tap of an
   output in the block that falls outside it falls outside ``x`` too, so each output element sums
   the same terms as in the unchunked call.
-- The slab ``x[i_lo : i_hi+1]`` (on CuPy chunks widened along W, where ``x`` allows, to a
-  multiple of 8 voxels: its rows then move 16 bytes at a time) has an uncropped result
+- The slab ``x[i_lo : i_hi+1]`` (on CuPy chunks, along W, started at a multiple of 16 bytes
+  and widened, where ``x`` allows, to a multiple of 8 voxels: its rows then move 16 bytes at a
+  time) has an uncropped result
   ``F = (L-1)*s + dil*(K-1) + 1`` long for a slab of ``L``, in which the block lies at
   ``[a, b)`` with ``a = o0 + p - i_lo*s`` and ``b = a + o1 - o0``. The slab is convolved for
   exactly the window ``[max(a, 0), min(b, F))`` of that result (``ConvParams.window``: an
@@ -91,6 +92,11 @@ class _AxisPlan:
     dst: tuple[int, int]
     size: int
     exact: bool
+
+    @property
+    def width(self) -> int:
+        """The slab's length along this axis: its pieces' lengths together."""
+        return sum(stop - start for _, start, stop in self.pieces)
 
 
 def _boundaries(chunks: tuple[int, ...]) -> list[int]:
@@ -252,7 +258,7 @@ def _slab(boxes: list, axes: tuple[_AxisPlan, ...], xp: Any) -> Any:
         view = first[(slice(None), slice(None), *(slice(*ax.pieces[0][1:]) for ax in axes))]
         if view.flags.c_contiguous:
             return view
-    lens = [sum(stop - start for _, start, stop in ax.pieces) for ax in axes]
+    lens = [ax.width for ax in axes]
     if xp is not np:
         from . import _slab as gather
 
@@ -528,8 +534,8 @@ def conv_transpose3d(
             if all(ax.pieces for ax in axes):
                 bd, bh, bw = ([blk for blk, _, _ in ax.pieces] for ax in axes)
                 boxes = [(x_name, n, 0, *ijk) for ijk in itertools.product(bd, bh, bw)]
-                lens = [sum(stop - start for _, start, stop in ax.pieces) for ax in axes]
                 if batch:
+                    lens = [ax.width for ax in axes]
                     whole = ConvParams.from_args((batch, p.C_in, *lens), w.shape, bias_shape,
                                                  p.stride, 0, 0, p.groups, p.dilation)  # fmt: skip
                     slab_p = whole.window(tuple(ax.start for ax in axes),

@@ -33,6 +33,16 @@ GROUPED_VQ = (1, 2, 4, 8)
 #: Accumulator registers a thread may hold (VQ * COT, twice that for float64): the kernel is
 #: capped at 80 registers for three blocks an SM.
 GROUPED_ACC_REGS = 16
+#: Where the w stride is 2 a thread may compute both w-phases of its cells (template PW = 2) and
+#: store each pair of neighbouring outputs as one vector, at twice the accumulators: a warp then
+#: writes whole sectors instead of every other element. Problems with at most this many
+#: multiply-adds an output (C_in_g * taps / phases) are bound by those stores and take paired
+#: tiles even at half the cells a thread (VQ); heavier ones are bound by issue and take paired
+#: tiles only at the same VQ. Measured on the H100 (NOTES.md), float32: kb73 (27 an output)
+#: 1.47 -> 0.91 ms paired at VQ 1, big_volume (54) 0.61 -> 0.78 and kb72 (105) 0.28 -> 0.40 ms.
+#: float16 results are half the bytes, and kb73 lost there (0.96 -> 1.27 ms): 16-bit types pair
+#: only at the same VQ.
+GROUPED_PAIR_FIRST_MACS = 32
 #: Threads per block (kernels/grouped.cu: __launch_bounds__).
 GROUPED_THREADS = 256
 #: Shared memory a block aims to stay under, so that three blocks fit on an H100 SM (228 KiB,
@@ -49,21 +59,24 @@ ROW_HDR = 8
 def grouped_module(dtype: str) -> KernelModule:
     t = CPP_TYPE[dtype]
     names = tuple(
-        f"grouped_conv_transpose3d<{t}, {c}, {v}>"
+        f"grouped_conv_transpose3d<{t}, {c}, {v}, {pw}>"
         for c in GROUPED_COT
         for v in GROUPED_VQ
-        if _acc_regs(dtype, c, v) <= GROUPED_ACC_REGS
+        for pw in (1, 2)
+        if _acc_regs(dtype, c, v) * pw <= GROUPED_ACC_REGS
     )
     return KernelModule("grouped.cu", names)
 
 
 @dataclass(frozen=True)
 class GroupedTile:
-    """Cells per block: ``tqw`` lanes along w, ``tqh`` rows along h, ``vq`` cells along d."""
+    """Cells per block: ``tqw`` lanes along w, ``tqh`` rows along h, ``vq`` cells along d; ``pw``
+    w-phases a thread (2 only where the w stride is 2)."""
 
     tqw: int
     tqh: int
     vq: int
+    pw: int = 1
 
 
 def _acc_regs(dtype: str, cot: int, vq: int) -> int:
@@ -94,11 +107,22 @@ def _tile_in(tile: GroupedTile, spans: tuple[int, int, int], dtype: str) -> tupl
     return tile.vq + spans[0], tile.tqh + spans[1], -(-(tile.tqw + spans[2]) // v) * v
 
 
+#: Cells a thread from which the staged tile keeps d innermost (kernels/grouped.cu: DIN).
+DEPTH_INNER_VQ = 4
+
+
+def _tile_elems(tile: GroupedTile, tile_in: tuple[int, int, int]) -> int:
+    """Staged elements per channel: [d][h][w], or for deep tiles [h][w][d] with the d pitch
+    rounded up to odd (kernels/grouped.cu: DP = TD_in | 1)."""
+    td_in, th_in, tw_in = tile_in
+    return (td_in | 1 if tile.vq >= DEPTH_INNER_VQ else td_in) * th_in * tw_in
+
+
 def _smem_bytes(p: ConvParams, dtype: str, cot: int, tile: GroupedTile, spans, table_ints) -> int:
     v = _vec(dtype)
     taps_all = p.kernel[0] * p.kernel[1] * p.kernel[2]
     w_elems = -(-taps_all * p.C_in_g * cot // v) * v
-    elems = w_elems + p.C_in_g * int(np.prod(_tile_in(tile, spans, dtype)))
+    elems = w_elems + p.C_in_g * _tile_elems(tile, _tile_in(tile, spans, dtype))
     return -(-elems // v) * 16 + 4 * table_ints  # phase rows 16-byte aligned after the tile
 
 
@@ -150,14 +174,20 @@ class GroupedPlan:
         # of the input tile), then the deepest tile (least halo), then the taller one.
         candidates = []
         cot = GroupedPlan.pick_cot(p)
+        pws = (2, 1) if p.stride[2] == 2 else (1,)
+        macs_per_output = p.C_in_g * p.kernel[0] * p.kernel[1] * p.kernel[2] / phases
+        pair_first = macs_per_output <= GROUPED_PAIR_FIRST_MACS and dtype in ("float32", "float64")
         while cot >= 1:
-            for vq in GROUPED_VQ[::-1]:
-                if vq > 1 and (vq > qmax[0] or _acc_regs(dtype, cot, vq) > GROUPED_ACC_REGS):
+            combos = [(vq, pw) for vq in GROUPED_VQ[::-1] for pw in pws]
+            if pair_first:
+                combos.sort(key=lambda c: -c[1])  # stable: deeper tiles first within each pw
+            for vq, pw in combos:
+                if (vq > 1 and vq > qmax[0]) or _acc_regs(dtype, cot, vq) * pw > GROUPED_ACC_REGS:
                     continue
                 for tqh in (tqh_full, tqh_full // 2):
                     if tqh * tqw < 32:
                         continue
-                    tile = GroupedTile(tqw, tqh, vq)
+                    tile = GroupedTile(tqw, tqh, vq, pw)
                     # Each thread of the fill keeps one column of the tile: a row may not
                     # outnumber them.
                     if _tile_in(tile, spans, dtype)[2] > tqw * tqh:
@@ -220,7 +250,10 @@ class GroupedPlan:
         for i, prow in enumerate(ptable):
             for t in range(int(prow[6])):
                 fd, fh, fw, w_tap = (int(v) for v in prow[ROW_HDR + 4 * t : ROW_HDR + 4 * t + 4])
-                x_off = ((fd - mins[0]) * th_in + (fh - mins[1])) * tw_in + (fw - mins[2])
+                if tile.vq >= DEPTH_INNER_VQ:  # [h][w][d], d pitch odd
+                    x_off = ((fh - mins[1]) * tw_in + (fw - mins[2])) * (td_in | 1) + fd - mins[0]
+                else:  # [d][h][w]
+                    x_off = ((fd - mins[0]) * th_in + (fh - mins[1])) * tw_in + (fw - mins[2])
                 rows[i, ROW_HDR + 2 * t : ROW_HDR + 2 * t + 2] = (x_off, w_tap * p.C_in_g * cot)
         hdr = np.zeros(GH_SIZE, np.int32)
         hdr[:12] = (td_in, th_in, tw_in, *mins, tiles_w, tiles_h, co_chunks, row_len,
@@ -233,7 +266,8 @@ class GroupedPlan:
 
     def kernels(self) -> list[tuple[KernelModule, str]]:
         m = grouped_module(self.dtype)
-        name = f"grouped_conv_transpose3d<{CPP_TYPE[self.dtype]}, {self.cot}, {self.tile.vq}>"
+        t = self.tile
+        name = f"grouped_conv_transpose3d<{CPP_TYPE[self.dtype]}, {self.cot}, {t.vq}, {t.pw}>"
         return [(m, name)]
 
     def launch(self, x: Any, w: Any, bias: Any, out: Any) -> None:

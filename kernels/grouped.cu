@@ -16,6 +16,12 @@
 // phase, and every thread of the block is on the same phase and tap at once, so weights are read
 // as broadcasts. Global memory sees each input tile and each output element once.
 // Every output element is written once (no atomics): results are deterministic.
+//
+// Staged tile layouts. With VQ < 4 a channel of the tile is [d][h][w], rows along w copied 16
+// bytes at a time. With VQ >= 4 (deep tiles: depthwise and other one-channel-a-group layers) it is
+// [h][w][d], d innermost with an odd pitch DP = TD_in | 1 (conflict-free: lanes are DP words
+// apart): a thread's VQ cells are then neighbouring words, read with immediate offsets, where the
+// [d][h][w] layout would cost an address addition per cell (a runtime plane pitch).
 #include "common.cuh"
 
 namespace cct {
@@ -64,11 +70,26 @@ template <> struct WeightRow<float, 2> {
     }
 };
 
+// Two neighbouring outputs as one vector store (p aligned to 2 * sizeof(T)): a warp then writes
+// whole sectors where one phase a store would write every other element.
+template <typename T> __device__ __forceinline__ void store_pair(T* p, T lo, T hi) {
+    if constexpr (sizeof(T) == 2) {
+        u32 v = static_cast<u32>(lo.bits) | (static_cast<u32>(hi.bits) << 16);
+        *reinterpret_cast<u32*>(p) = v;
+    } else if constexpr (sizeof(T) == 4) {
+        *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
+    } else {
+        *reinterpret_cast<double2*>(p) = make_double2(lo, hi);
+    }
+}
+
 }  // namespace cct
 
 // Three blocks an SM (80 registers) while the accumulators take at most 16 registers, else two.
-template <typename T, int COT, int VQ>
-__global__ void __launch_bounds__(256, VQ * COT * sizeof(typename cct::Acc<T>::type) > 64 ? 2 : 3)
+// PW: phases along w a thread computes, 1, or 2 where sW == 2 (the two w-phases of a cell are
+// neighbouring outputs, stored together).
+template <typename T, int COT, int VQ, int PW>
+__global__ void __launch_bounds__(256, PW * VQ * COT * sizeof(typename cct::Acc<T>::type) > 64 ? 2 : 3)
 grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
                          const T* __restrict__ bias, T* __restrict__ out,
                          const int* __restrict__ table, const cct::ConvGeom* __restrict__ geom) {
@@ -90,8 +111,11 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
     const int TD_in = hdr[cct::GH_TD_IN], TH_in = hdr[cct::GH_TH_IN], TW_in = hdr[cct::GH_TW_IN];
     const int phases = hdr[cct::GH_PHASES], row_len = hdr[cct::GH_ROW_LEN];
     const int taps_all = hdr[cct::GH_TAPS_ALL], co_chunks = hdr[cct::GH_CO_CHUNKS];
-    const int plane_in = TH_in * TW_in;
-    const int chan_in = TD_in * plane_in;  // one channel of the staged tile
+    // d pitch of the staged tile and the step between a thread's cells (see the layouts above).
+    constexpr bool DIN = VQ >= 4;
+    const int DP = DIN ? (TD_in | 1) : 1;
+    const int cell_step = DIN ? 1 : TH_in * TW_in;
+    const int chan_in = TD_in * TH_in * TW_in + (DIN ? (DP - TD_in) * TH_in * TW_in : 0);
 
     // Shared memory: weights [taps_all][ci][COT], input tile [ci][TD_in][TH_in][TW_in], phase rows.
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -159,7 +183,7 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
             // allow: the tile's w origin and width are multiples of VEC, so a vector is wholly
             // inside or outside the input) and steps over rows (ci, d, h), carrying the row
             // coordinates instead of dividing.
-            const bool vec = W % VEC == 0 && reinterpret_cast<u64>(x) % 16 == 0;
+            const bool vec = !DIN && W % VEC == 0 && reinterpret_cast<u64>(x) % 16 == 0;
             const int cw = vec ? VEC : 1;
             const int cols = TW_in / cw;
             const int col = tid % cols, rstep = nthreads / cols;
@@ -174,6 +198,9 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
                     const i64 src = ok ? ci * DHW + (static_cast<i64>(id) * H + ih) * W + iw : 0;
                     if (vec)
                         cct::cp_async16_or_zero(x_s + r * TW_in + ww, xg + src, ok);
+                    else if (DIN)
+                        cct::cp_async_or_zero(x_s + ((ci * TH_in + hh) * TW_in + ww) * DP + dd,
+                                              xg + src, ok);
                     else
                         cct::cp_async_or_zero(x_s + r * TW_in + ww, xg + src, ok);
                     for (hh += rstep; hh >= TH_in; hh -= TH_in) {
@@ -219,8 +246,18 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
                               : Acc(0);
                 }
 #pragma unroll
-                for (int k = 0; k < cct::FILL; ++k)
-                    if (e0 + k * nthreads < x_elems) x_s[e0 + k * nthreads] = v[k];
+                for (int k = 0; k < cct::FILL; ++k) {
+                    const int e = e0 + k * nthreads;
+                    if (e >= x_elems) break;
+                    if (DIN) {
+                        const int r = e / TW_in, ww = e - r * TW_in;
+                        const int hh = r % TH_in, dd = (r / TH_in) % TD_in;
+                        const int ci = r / (TH_in * TD_in);
+                        x_s[((ci * TH_in + hh) * TW_in + ww) * DP + dd] = v[k];
+                    } else {
+                        x_s[e] = v[k];
+                    }
+                }
             }
         }
         __syncthreads();
@@ -232,46 +269,99 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
                                                  : Acc(0);
         T* og = out + ((n * groups + grp) * cog + co0) * oVol;
         const i64 step_d = static_cast<i64>(sD) * oH * oW;  // one cell along d
-        const Acc* x_thread = x_s + threadIdx.y * TW_in + threadIdx.x;
+        const Acc* x_thread = x_s + (threadIdx.y * TW_in + threadIdx.x) * DP;
 
-        for (int ph = 0; ph < phases; ++ph) {
-            const int* row = tab_s + ph * row_len;
-            const int QD = row[3], QH = row[4], QW = row[5], taps = row[6];
-            if (qw0 >= QW || qh0 >= QH || qd0 >= QD) continue;  // uniform over the block
-            Acc acc[VQ][COT];
+        // Pairs of w-phases store both outputs of a cell at once where the rows allow it.
+        const bool pair_vec = PW == 2 && oW % 2 == 0 &&
+                              reinterpret_cast<u64>(out) % (2 * sizeof(T)) == 0;
+        for (int ph = 0; ph < phases; ph += PW) {
+            Acc acc[PW][VQ][COT];
 #pragma unroll
-            for (int v = 0; v < VQ; ++v)
+            for (int p = 0; p < PW; ++p)
 #pragma unroll
-                for (int j = 0; j < COT; ++j) acc[v][j] = Acc(0);
-            const int2* tap_offs = reinterpret_cast<const int2*>(row + cct::GROUPED_ROW_HDR);
-            for (int t = 0; t < taps; ++t) {
-                const int2 offs = tap_offs[t];
-                const Acc* xp = x_thread + offs.x;
-                const Acc* wp = w_s + offs.y;
+                for (int v = 0; v < VQ; ++v)
+#pragma unroll
+                    for (int j = 0; j < COT; ++j) acc[p][v][j] = Acc(0);
+            // Phases of a pair share o0_d, o0_h, Q_D and Q_H (they differ in the w residue only).
+            const int* row0 = tab_s + ph * row_len;
+            const int QD = row0[3], QH = row0[4];
+            if (qh0 >= QH || qd0 >= QD) continue;  // uniform over the block
+#pragma unroll
+            for (int p = 0; p < PW; ++p) {
+                const int* row = row0 + p * row_len;
+                const int QW = row[5], taps = row[6];
+                if (qw0 >= QW) continue;  // uniform over the block
+                const int2* tap_offs = reinterpret_cast<const int2*>(row + cct::GROUPED_ROW_HDR);
+                for (int t = 0; t < taps; ++t) {
+                    const int2 offs = tap_offs[t];
+                    const Acc* xp = x_thread + offs.x;
+                    const Acc* wp = w_s + offs.y;
+                    // One (tap, input channel) step: COT weights times VQ cells.
+                    auto step = [&](const Acc* xq, const Acc* wq) {
+                        Acc wv[COT], xv[VQ];
+                        cct::WeightRow<Acc, COT>::load(wq, wv);
+#pragma unroll
+                        for (int v = 0; v < VQ; ++v) xv[v] = xq[v * cell_step];
+#pragma unroll
+                        for (int v = 0; v < VQ; ++v)
+#pragma unroll
+                            for (int j = 0; j < COT; ++j)
+                                acc[p][v][j] = cct::fma_ieee(xv[v], wv[j], acc[p][v][j]);
+                    };
+                    if (DIN && cig == 1) {  // depthwise: no channel loop (uniform)
+                        step(xp, wp);
+                        continue;
+                    }
 #pragma unroll 2
-                for (int ci = 0; ci < cig; ++ci, xp += chan_in, wp += COT) {
-                    Acc wv[COT], xv[VQ];
-                    cct::WeightRow<Acc, COT>::load(wp, wv);
-#pragma unroll
-                    for (int v = 0; v < VQ; ++v) xv[v] = xp[v * plane_in];
-#pragma unroll
-                    for (int v = 0; v < VQ; ++v)
-#pragma unroll
-                        for (int j = 0; j < COT; ++j) acc[v][j] = cct::fma_ieee(xv[v], wv[j], acc[v][j]);
+                    for (int ci = 0; ci < cig; ++ci, xp += chan_in, wp += COT) step(xp, wp);
                 }
             }
-            if (qw >= QW || qh >= QH) continue;
-            const int oh = row[1] + qh * sH;
-            const int ow = row[2] + qw * sW;
-            T* o = og + (static_cast<i64>(row[0] + qd0 * sD) * oH + oh) * oW + ow;
+            if (qh >= QH) continue;
+            const int oh = row0[1] + qh * sH;
+            const i64 o_row = (static_cast<i64>(row0[0] + qd0 * sD) * oH + oh) * oW;
+            if constexpr (PW == 1) {
+                if (qw >= row0[5]) continue;
+                T* o = og + o_row + row0[2] + qw * sW;
 #pragma unroll
-            for (int v = 0; v < VQ; ++v, o += step_d) {
-                if (qd0 + v >= QD) break;
-                T* oc = o;
+                for (int v = 0; v < VQ; ++v, o += step_d) {
+                    if (qd0 + v >= QD) break;
+                    T* oc = o;
 #pragma unroll
-                for (int j = 0; j < COT; ++j, oc += oVol)
-                    if (co0 + j < cog)
-                        *oc = cct::from_acc<T>(has_bias ? cct::add_ieee(acc[v][j], b[j]) : acc[v][j]);
+                    for (int j = 0; j < COT; ++j, oc += oVol)
+                        if (co0 + j < cog)
+                            *oc = cct::from_acc<T>(has_bias ? cct::add_ieee(acc[0][v][j], b[j])
+                                                            : acc[0][v][j]);
+                }
+            } else {
+                // sW == 2: one phase starts at output 0 and the other at 1, so cell qw holds
+                // outputs 2 qw (phase `lo`) and 2 qw + 1.
+                const int* row1 = row0 + row_len;
+                const bool swap = row0[2] != 0;  // row 1 is the even phase
+                const bool ok_lo = qw < (swap ? row1[5] : row0[5]);
+                const bool ok_hi = qw < (swap ? row0[5] : row1[5]);
+                if (!ok_lo && !ok_hi) continue;
+                T* o = og + o_row + 2 * qw;
+#pragma unroll
+                for (int v = 0; v < VQ; ++v, o += step_d) {
+                    if (qd0 + v >= QD) break;
+                    T* oc = o;
+#pragma unroll
+                    for (int j = 0; j < COT; ++j, oc += oVol) {
+                        if (co0 + j >= cog) continue;
+                        Acc lo = swap ? acc[1][v][j] : acc[0][v][j];
+                        Acc hi = swap ? acc[0][v][j] : acc[1][v][j];
+                        if (has_bias) {
+                            lo = cct::add_ieee(lo, b[j]);
+                            hi = cct::add_ieee(hi, b[j]);
+                        }
+                        if (pair_vec && ok_lo && ok_hi) {
+                            cct::store_pair(oc, cct::from_acc<T>(lo), cct::from_acc<T>(hi));
+                        } else {
+                            if (ok_lo) oc[0] = cct::from_acc<T>(lo);
+                            if (ok_hi) oc[1] = cct::from_acc<T>(hi);
+                        }
+                    }
+                }
             }
         }
     }

@@ -468,7 +468,7 @@ def _direct() -> list[Problem]:
     return out
 
 
-_GROUPED_NAME = re.compile(r"grouped_conv_transpose3d<[^,]+, (\d+), (\d+)>")
+_GROUPED_NAME = re.compile(r"grouped_conv_transpose3d<[^,]+, (\d+), (\d+), (\d+)>")
 #: (C_in_g, groups): several channels one group, a few a group, depthwise, depthwise x multiplier.
 _GROUP_LAYOUTS = ((3, 1), (2, 3), (1, 4), (4, 2), (1, 3))
 #: Per-axis (in, kernel, stride, padding, output_padding, dilation) for h and w.
@@ -481,7 +481,7 @@ _HW = (
 )
 
 
-def _grouped_candidates(dt: str, cot: int, vq: int, i: int) -> Iterable[Problem]:
+def _grouped_candidates(dt: str, cot: int, vq: int, pw: int, i: int) -> Iterable[Problem]:
     """Problems for the grouped variant (COT, VQ): C_out_g within COT (and above COT / 2), and
     along d a number of cells a phase within VQ (and below 2 VQ)."""
     co_gs = {1: (1,), 2: (2,), 4: (3, 4)}.get(cot, (5, 13, 8))
@@ -498,7 +498,7 @@ def _grouped_candidates(dt: str, cot: int, vq: int, i: int) -> Iterable[Problem]
             d = (q, 2, 2, 0, 0, 1) if q > 1 else (1, 1 + j % 2, 1, 0, 0, 1)
         n = (None, 1, 2)[j % 3]
         yield Problem(
-            f"fwd/grouped/{_short(dt)}/cot{cot}_vq{vq}",
+            f"fwd/grouped/{_short(dt)}/cot{cot}_vq{vq}" + ("_pw2" if pw == 2 else ""),
             ((n,) if n else ()) + (ci_g * groups, d[0], h[0], w[0]),
             co_g * groups,
             (d[1], h[1], w[1]),
@@ -517,7 +517,8 @@ def _grouped_candidates(dt: str, cot: int, vq: int, i: int) -> Iterable[Problem]
 
 
 def _grouped() -> list[Problem]:
-    """Every grouped kernel variant (output channels a thread COT x cells a thread VQ), planned
+    """Every grouped kernel variant (output channels a thread COT x cells a thread VQ x w-phases a
+    thread PW, 2 only for a w stride of 2), planned
     with sm_count=0 so the first-choice variant is kept: COT is the smallest one covering
     C_out_g, VQ the largest that the cells along d and the register budget allow."""
     out = []
@@ -526,10 +527,12 @@ def _grouped() -> list[Problem]:
             match = _GROUPED_NAME.match(name)
             if match is None:
                 raise ValueError(f"unexpected grouped kernel name {name!r}")
-            cot, vq = (int(v) for v in match.groups())
+            cot, vq, pw = (int(v) for v in match.groups())
             out.append(_first(
-                f"grouped {dt} COT={cot} VQ={vq}", _grouped_candidates(dt, cot, vq, i),
-                lambda pr, plan, v=(cot, vq): (plan.cot, plan.tile.vq) == v,
+                f"grouped {dt} COT={cot} VQ={vq} PW={pw}", _grouped_candidates(dt, cot, vq, pw, i),
+                lambda pr, plan, v=(cot, vq, pw): (
+                    _small(pr) and (plan.cot, plan.tile.vq, plan.tile.pw) == v
+                ),
             ))  # fmt: skip
     return out
 

@@ -11,7 +11,7 @@ import pytest
 from cases import CASES
 from oracle import TOL, conv_transpose3d_oracle, rel_err
 
-from cupyconvt._grouped import GH_SIZE, ROW_HDR, GroupedPlan
+from cupyconvt._grouped import DEPTH_INNER_VQ, GH_SIZE, ROW_HDR, GroupedPlan
 from cupyconvt._params import ConvParams
 from cupyconvt._plans import PHASE_HDR, phase_table
 
@@ -79,8 +79,13 @@ def _replay_grouped(x, w, b, p: ConvParams, dtype: str, sm_count: int) -> np.nda
     w4 = w.reshape(G, cig, cog, taps_all)
     out = np.full(p.out_shape5, np.nan)
     out6 = out.reshape(p.N, G, cog, *p.out_size)
-    plane_in, chan_in = th_in * tw_in, td_in * th_in * tw_in
+    # The staged tile's layout: [d][h][w], or [h][w][d] with an odd d pitch for deep tiles.
+    deep = vq >= DEPTH_INNER_VQ
+    dp = td_in | 1 if deep else 1
+    cell_step = 1 if deep else th_in * tw_in
+    chan_in = (dp if deep else td_in) * th_in * tw_in
     ty, tx = np.meshgrid(np.arange(tqh), np.arange(tqw), indexing="ij")
+    lane = (ty * tw_in + tx) * dp
     for n, g, chunk in np.ndindex(p.N, G, co_chunks):
         co = chunk * cot + np.arange(cot)
         w_s = np.zeros((taps_all, cig, cot))
@@ -96,6 +101,10 @@ def _replay_grouped(x, w, b, p: ConvParams, dtype: str, sm_count: int) -> np.nda
             x_s[(slice(None),) + np.ix_(*ok)] = x6[n, g][
                 (slice(None),) + np.ix_(*[i[o] for i, o in zip(idx, ok, strict=True)])
             ]
+            if deep:  # pad d to the pitch with NaN: a read of the padding fails the test
+                x_s = np.concatenate(
+                    [x_s, np.full((cig, dp - td_in, th_in, tw_in), np.nan)], axis=1
+                ).transpose(0, 2, 3, 1)
             x_s = x_s.ravel()
             for row in rows:
                 o0d, o0h, o0w, QD, QH, QW, taps = (int(v) for v in row[:7])
@@ -107,7 +116,7 @@ def _replay_grouped(x, w, b, p: ConvParams, dtype: str, sm_count: int) -> np.nda
                     for t in range(taps):
                         x_off, w_off = (int(u) for u in row[ROW_HDR + 2 * t : ROW_HDR + 2 * t + 2])
                         for ci in range(cig):
-                            xv = x_s[x_off + ci * chan_in + v * plane_in + ty * tw_in + tx]
+                            xv = x_s[x_off + ci * chan_in + v * cell_step + lane]
                             acc += (
                                 xv[None]
                                 * w_s[w_off + ci * cot : w_off + (ci + 1) * cot, None, None]

@@ -111,11 +111,16 @@ def _tile_in(tile: GroupedTile, spans: tuple[int, int, int], dtype: str) -> tupl
 DEPTH_INNER_VQ = 4
 
 
+def _d_pitch(tile: GroupedTile, td_in: int) -> int | None:
+    """The d pitch of a deep tile's [h][w][d] staging, rounded up to odd (kernels/grouped.cu:
+    DP = TD_in | 1); None where the tile is staged [d][h][w]."""
+    return td_in | 1 if tile.vq >= DEPTH_INNER_VQ else None
+
+
 def _tile_elems(tile: GroupedTile, tile_in: tuple[int, int, int]) -> int:
-    """Staged elements per channel: [d][h][w], or for deep tiles [h][w][d] with the d pitch
-    rounded up to odd (kernels/grouped.cu: DP = TD_in | 1)."""
+    """Staged elements per channel, padding of the d pitch included."""
     td_in, th_in, tw_in = tile_in
-    return (td_in | 1 if tile.vq >= DEPTH_INNER_VQ else td_in) * th_in * tw_in
+    return (_d_pitch(tile, td_in) or td_in) * th_in * tw_in
 
 
 def _smem_bytes(p: ConvParams, dtype: str, cot: int, tile: GroupedTile, spans, table_ints) -> int:
@@ -244,14 +249,15 @@ class GroupedPlan:
         co_chunks = -(-p.C_out_g // cot)
 
         ptable, max_taps = phase_table(p)
+        dp = _d_pitch(tile, td_in)
         row_len = ROW_HDR + 2 * max_taps
         rows = np.zeros((ptable.shape[0], row_len), np.int32)
         rows[:, :ROW_HDR] = ptable[:, :ROW_HDR]
         for i, prow in enumerate(ptable):
             for t in range(int(prow[6])):
                 fd, fh, fw, w_tap = (int(v) for v in prow[ROW_HDR + 4 * t : ROW_HDR + 4 * t + 4])
-                if tile.vq >= DEPTH_INNER_VQ:  # [h][w][d], d pitch odd
-                    x_off = ((fh - mins[1]) * tw_in + (fw - mins[2])) * (td_in | 1) + fd - mins[0]
+                if dp is not None:  # [h][w][d]
+                    x_off = ((fh - mins[1]) * tw_in + (fw - mins[2])) * dp + fd - mins[0]
                 else:  # [d][h][w]
                     x_off = ((fd - mins[0]) * th_in + (fh - mins[1])) * tw_in + (fw - mins[2])
                 rows[i, ROW_HDR + 2 * t : ROW_HDR + 2 * t + 2] = (x_off, w_tap * p.C_in_g * cot)

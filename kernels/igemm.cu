@@ -10,15 +10,16 @@
 // i.e. a GEMM with M = N * Q_D * Q_H * Q_W phase voxels, N = C_out_g, K = taps * C_in_g. No work
 // is spent on the zeros a naive transposed convolution inserts.
 //
-// Work split: blockIdx.z = (group, phase), blockIdx.y = a BN-wide slice of output channels,
-// blockIdx.x = a BM-long run of phase voxels. Only phases with taps are launched (the host lists
-// them first in the table; igemm_fill_tapless writes the outputs of the others). The K loop walks
-// (tap, BK input channels) chunks through a STAGES-deep shared-memory ring filled by cp.async
-// (sm_80+): x is gathered 4 or 8 bytes at a time (zero-filled outside the input), the packed
-// weights 16 bytes at a time; one barrier per chunk. Each thread owns a TM x TN register tile (TM voxels in fragments of 4, TN channels in
-// fragments of FN), KU k-steps unrolled. The epilogue stages the C tile through shared memory so that consecutive
-// threads write consecutive voxels of one channel. Every output element is written once (no
-// atomics): results are deterministic.
+// Work split: grid z = (group, phase), y = a BN-wide slice of output channels, x = a BM-long run
+// of phase voxels, renumbered so that the phases of one run go out together (cct::gemm_tile).
+// Only phases with taps are launched (the host lists them first in the table;
+// igemm_fill_tapless writes the outputs of the others). The K loop walks (tap, BK input
+// channels) chunks through a STAGES-deep shared-memory ring filled by cp.async (sm_80+): x is
+// gathered 4 or 8 bytes at a time (zero-filled outside the input), the packed weights 16 bytes
+// at a time; one barrier per chunk. Each thread owns a TM x TN register tile (TM voxels in
+// fragments of 4, TN channels in fragments of FN), KU k-steps unrolled. The epilogue stages the
+// C tile through shared memory so that consecutive threads write consecutive voxels of one
+// channel. Every output element is written once (no atomics): results are deterministic.
 #include "common.cuh"
 
 // Packs w (C_in, C_out_g, kD, kH, kW) into wp[g][phase][tap][ci_pad][co_pad] in the accumulator
@@ -155,13 +156,14 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
     // Geometry is read where it is used, not copied whole: registers go to the tile.
     const cct::ConvGeom& g = *geom;
     const int tid = threadIdx.x;
-    const int grp = blockIdx.z / phases;
-    const int ph = blockIdx.z - grp * phases;
+    const cct::GemmTileIdx bt = cct::gemm_tile<true>();
+    const int grp = bt.z / phases;
+    const int ph = bt.z - grp * phases;
     const int* tab = table + ph * (cct::PHASE_HDR + 4 * max_taps);
     const i64 QD = tab[3], QH = tab[4], QW = tab[5];
     const int taps = tab[6];
     const i64 M = g.N * QD * QH * QW;
-    const i64 m0 = static_cast<i64>(blockIdx.x) * BM;
+    const i64 m0 = bt.m * BM;
     if (m0 >= M) return;
     const i64 DHW = g.D * g.H * g.W;
 
@@ -197,7 +199,7 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
     const u32 D = static_cast<u32>(g.D), H = static_cast<u32>(g.H), W = static_cast<u32>(g.W);
     // Chunk c of the phase's packed weights starts at c * BK * co_pad: one pointer walks them.
     const Acc* w_next = wp + (static_cast<i64>(grp) * phases + ph) * max_taps * ci_pad * co_pad +
-                        blockIdx.y * BN;
+                        bt.n * BN;
     const int* tap = tab + cct::PHASE_HDR;  // the tap of the next chunk to issue
     int it_c = 0;                            // its first input channel
 
@@ -274,8 +276,8 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
     cct::cp_wait<0>();
     const i64 oVol = g.oD * g.oH * g.oW;
     const int C_out_g = static_cast<int>(g.C_out_g);
-    const int n0 = blockIdx.y * BN;
-    const T* bias_g = g.has_bias ? bias + (blockIdx.z / phases) * g.C_out_g : nullptr;
+    const int n0 = bt.n * BN;
+    const T* bias_g = g.has_bias ? bias + grp * g.C_out_g : nullptr;
 
     // Epilogue, TN/FN passes of CP channels: the tile goes to shared memory, then consecutive
     // threads add the bias and write consecutive voxels of one channel.

@@ -17,13 +17,14 @@
 //   2  3xTF32 ("high"): each operand split as big = tf32(v), small = tf32(v - big), and
 //      a*b ~ small_a*big_b + big_a*small_b + big_a*big_b (three MMAs): float32 accuracy.
 //
-// Work split: blockIdx.z = (group, phase), blockIdx.y = a BN-wide slice of output channels,
-// blockIdx.x = a BM-long run of phase voxels. WM x WN warps; a warp owns a (BM/WM) x (BN/WN) tile
-// of 16 x 8 MMA tiles. The K loop walks (tap, BK input channels) chunks through a STAGES-deep
-// cp.async ring, one barrier per chunk. Every phase is launched: a phase with no taps runs no K
-// chunk and its epilogue writes the bias (or zero). The epilogue stages the C tile through shared
-// memory so that stores are coalesced: runs of voxels of one channel (NCDHW out) or runs of
-// channels of one voxel (NDHWC out). Each output element is written once: deterministic.
+// Work split: grid z = (group, phase), y = a BN-wide slice of output channels, x = a BM-long run
+// of phase voxels (or a box of them); with channels-first output the blocks are renumbered so that
+// the phases of one run go out together (cct::gemm_tile). WM x WN warps; a warp owns a (BM/WM) x
+// (BN/WN) tile of 16 x 8 MMA tiles. The K loop walks (tap, BK input channels) chunks through a
+// STAGES-deep cp.async ring, one barrier per chunk. Every phase is launched: a phase with no taps
+// runs no K chunk and its epilogue writes the bias (or zero). The epilogue stages the C tile
+// through shared memory so that stores are coalesced: runs of voxels of one channel (NCDHW out) or
+// runs of channels of one voxel (NDHWC out). Each output element is written once: deterministic.
 #include "common.cuh"
 #include "tc_shared.cuh"
 
@@ -128,8 +129,9 @@ tc_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
 
     const cct::ConvGeom& g = *geom;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int grp = blockIdx.z / phases;
-    const int ph = blockIdx.z - grp * phases;
+    const cct::GemmTileIdx bt = cct::gemm_tile<!CL_OUT>();
+    const int grp = bt.z / phases;
+    const int ph = bt.z - grp * phases;
     const int* tab = table + ph * (cct::PHASE_HDR + 4 * max_taps);
     const i64 QD = tab[3], QH = tab[4], QW = tab[5];
     const int taps = tab[6];
@@ -147,7 +149,7 @@ tc_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
         TH = __ldg(box_tab + 1); TW = __ldg(box_tab + 2);
         const int nbh = __ldg(box_tab + 4), nbw = __ldg(box_tab + 5);
         HH = __ldg(box_tab + 7); HW = __ldg(box_tab + 8); PA = __ldg(box_tab + 9);
-        i64 b = blockIdx.x;
+        i64 b = bt.m;
         const int bw = static_cast<int>(b % nbw); b /= nbw;
         const int bh = static_cast<int>(b % nbh); b /= nbh;
         const int nbd = __ldg(box_tab + 3);
@@ -159,7 +161,7 @@ tc_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
         min_h = __ldg(box_tab + BOX_HDR + 3 * ph + 1);
         min_w = __ldg(box_tab + BOX_HDR + 3 * ph + 2);
     } else {
-        m0 = static_cast<i64>(blockIdx.x) * BM;
+        m0 = bt.m * BM;
         if (m0 >= g.N * QD * QH * QW) return;
     }
     T* const As = reinterpret_cast<T*>(smem_raw);  // HALO: [HD*HH*HW][PA]; else [STAGES][BM][P]
@@ -212,7 +214,7 @@ tc_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
 
     const int chunks = taps * (ci_pad / BK);
     const T* w_next = wp + ((static_cast<i64>(grp) * phases + ph) * max_taps * co_pad +
-                            static_cast<i64>(blockIdx.y) * BN) * ci_pad;
+                            static_cast<i64>(bt.n) * BN) * ci_pad;
     const int* tap = tab + cct::PHASE_HDR;  // the tap of the next chunk to issue
     int it_c = 0;                            // its first input channel
 
@@ -434,6 +436,6 @@ tc_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
             }
     __syncthreads();
     const T* bias_g = g.has_bias ? bias + static_cast<i64>(grp) * g.C_out_g : nullptr;
-    cct::store_c_tile<T, BM, BN, NT, CL_OUT>(cs, out_off, out, bias_g, blockIdx.y * BN,
+    cct::store_c_tile<T, BM, BN, NT, CL_OUT>(cs, out_off, out, bias_g, bt.n * BN,
                                              static_cast<int>(g.C_out_g), oVol, tid);
 }

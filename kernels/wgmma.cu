@@ -6,10 +6,12 @@
 // x[n, q + off_t, ci] * w[ci, co, t]: M = phase voxels, N = C_out_g, K = taps * C_in_g.
 //
 // A block owns a box of 8 x 8 x TD phase voxels (w, h, d; TD = 2*MW) of one sample and a BN-wide
-// slice of output channels. It stages, once, the input tile of that box (HD x HH x HW voxels: the
-// box plus the span of the phase's tap offsets) of every input channel of the group; each tap's A
-// is then a shifted view of that tile and only the packed weights stream through a STAGES-deep
-// cp.async ring, BK channels of one tap a chunk.
+// slice of output channels (the grid's x and y; z is (group, phase); with channels-first output
+// the blocks are renumbered so that the phases of one box go out together: cct::gemm_tile). It
+// stages, once, the input tile of that box (HD x HH x HW voxels: the box plus the span of the
+// phase's tap offsets) of every input channel of the group; each tap's A is then a shifted view
+// of that tile and only the packed weights stream through a STAGES-deep cp.async ring, BK
+// channels of one tap a chunk.
 //
 // Shared memory holds both operands in wgmma's K-major "no swizzle" canonical layout: core
 // matrices of 8 rows x 16 bytes (8 channels), each row 16 bytes after the previous one.
@@ -83,8 +85,9 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
     const cct::ConvGeom& g = *geom;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, w4 = warp & 3;
-    const int grp = blockIdx.z / phases;
-    const int ph = blockIdx.z - grp * phases;
+    const cct::GemmTileIdx bt = cct::gemm_tile<!CL_OUT>();
+    const int grp = bt.z / phases;
+    const int ph = bt.z - grp * phases;
     const int* tab = table + ph * (cct::PHASE_HDR + 4 * max_taps);
     const i64 QD = tab[3], QH = tab[4], QW = tab[5];
     const int taps = tab[6];
@@ -96,7 +99,7 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
     const int nbd = __ldg(box_tab + 3), nbh = __ldg(box_tab + 4), nbw = __ldg(box_tab + 5);
     const int HD = __ldg(box_tab + 6), HH = __ldg(box_tab + 7), HW = __ldg(box_tab + 8);
     const int PP = __ldg(box_tab + 9);
-    i64 b = blockIdx.x;
+    i64 b = bt.m;
     const int bw = static_cast<int>(b % nbw); b /= nbw;
     const int bh = static_cast<int>(b % nbh); b /= nbh;
     const int bd = static_cast<int>(b % nbd);
@@ -132,7 +135,7 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
     const int units = taps * (ci_pad / BK);
     const int chunks = (units + KT - 1) / KT;
     const T* w_next = wp + ((static_cast<i64>(grp) * phases + ph) * max_taps * co_pad +
-                            static_cast<i64>(blockIdx.y) * BN) * ci_pad;
+                            static_cast<i64>(bt.n) * BN) * ci_pad;
     int it_c = 0;  // first input channel of the next unit to issue
     int it_u = 0;  // its index
 
@@ -261,6 +264,6 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
             }
     __syncthreads();
     const T* bias_g = g.has_bias ? bias + static_cast<i64>(grp) * g.C_out_g : nullptr;
-    cct::store_c_tile<T, BM, BN, NT, CL_OUT>(cs, out_off, out, bias_g, blockIdx.y * BN,
+    cct::store_c_tile<T, BM, BN, NT, CL_OUT>(cs, out_off, out, bias_g, bt.n * BN,
                                              static_cast<int>(g.C_out_g), oVol, tid);
 }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -66,29 +65,46 @@ def _check_arrays(x: Any, w: Any, bias: Any, out: Any) -> str:
     return kind
 
 
-def _frozen(v: object) -> object:
-    """A hashable stand-in for an int-or-triple argument (lists become tuples)."""
-    return tuple(v) if isinstance(v, list) else v
+def _exact(v: object) -> object:
+    """``v`` as a cache-key part when it is a plain int or a triple of plain ints (a list becomes a
+    tuple), else None. Exact types only: True equals 1 and 2.0 equals 2, and both hash alike, but
+    they are invalid arguments, so a key holding them must not find a valid entry."""
+    t = type(v)
+    if t is int:
+        return v
+    if (t is tuple or t is list) and len(v) == 3:  # type: ignore[arg-type]
+        a, b, c = v  # type: ignore[misc]
+        if type(a) is int and type(b) is int and type(c) is int:
+            return (a, b, c)
+    return None
 
 
-@lru_cache(maxsize=4096)
-def _params_cached(types: tuple[type, ...], *args: object) -> ConvParams:
-    # ``types`` keeps True apart from 1 and 1.0 (equal and equally hashed, but invalid).
-    return ConvParams.from_args(*args)  # type: ignore[arg-type]
+#: cupyconvt._gpu once the first GPU call has imported it (CPU-only use never does).
+_gpu: Any = None
+_PARAMS: dict[tuple, ConvParams] = {}
+_PARAMS_MAX = 4096
 
 
 def params_for(x_shape, w_shape, bias_shape, stride, padding, output_padding, groups, dilation):
     """``ConvParams.from_args`` memoized on its arguments: a repeated call costs one dict lookup.
 
-    Invalid arguments are never cached (the exception propagates), so every call is validated.
+    Only calls whose int-or-triple arguments are plain ints (or lists/tuples of three) are
+    cached, and only valid ones (an exception propagates), so every call is validated; any other
+    argument (a NumPy integer, a bool, a float) goes through the full validation each time.
     """
     key = (tuple(x_shape), tuple(w_shape), None if bias_shape is None else tuple(bias_shape),
-           *map(_frozen, (stride, padding, output_padding, groups, dilation)))  # fmt: skip
-    try:
-        hash(key)
-    except TypeError:  # e.g. a NumPy array as stride: validate without the cache
-        return ConvParams.from_args(*key)  # type: ignore[arg-type]
-    return _params_cached(tuple(map(type, key[3:])), *key)
+           _exact(stride), _exact(padding), _exact(output_padding), _exact(groups),
+           _exact(dilation))  # fmt: skip
+    p = _PARAMS.get(key)
+    if p is not None:
+        return p
+    p = ConvParams.from_args(key[0], key[1], key[2], stride, padding, output_padding, groups,
+                             dilation)  # fmt: skip
+    if None not in key[3:]:
+        if len(_PARAMS) >= _PARAMS_MAX:
+            _PARAMS.clear()
+        _PARAMS[key] = p
+    return p
 
 
 def conv_transpose3d(
@@ -233,6 +249,9 @@ def conv_transpose3d(
             out = np.empty(from_logical_shape(p.out_shape, layout), dtype=x.dtype)
         _cpu.conv_transpose3d(np.moveaxis(x, -1, -4), w, bias, p, np.moveaxis(out, -1, -4))
         return out
-    from . import _gpu
+    global _gpu
+    if _gpu is None:  # imported once: a function-level import costs ~1 us on every call
+        from . import _gpu as gpu_backend
 
+        _gpu = gpu_backend
     return _gpu.conv_transpose3d(x, w, bias, p, out, precision=precision, layout=layout)

@@ -125,6 +125,13 @@ def test_params_cache_keeps_bool_and_float_apart():
     with pytest.raises(TypeError, match="groups must be an int"):
         cupyconvt.conv_transpose3d(x, w, padding=1, groups=1.0)
     assert cupyconvt.conv_transpose3d(x, w, padding=[1, 1, 1]).shape == (1, 2, 4, 4, 4)
+    # Inside a triple too: (True, 1, 1) == (1, 1, 1) and hashes alike, but is refused.
+    with pytest.raises(TypeError, match=r"padding\[0\] must be an int, got bool"):
+        cupyconvt.conv_transpose3d(x, w, padding=(True, 1, 1))
+    with pytest.raises(TypeError, match=r"padding\[2\] must be an int, got float"):
+        cupyconvt.conv_transpose3d(x, w, padding=[1, 1, 1.0])
+    # A NumPy integer is valid: computed, not cached.
+    assert cupyconvt.conv_transpose3d(x, w, padding=np.int64(1)).shape == (1, 2, 4, 4, 4)
 
 
 def test_window_is_a_slice_of_the_uncropped_result():

@@ -107,7 +107,8 @@ def _tile_in(tile: GroupedTile, spans: tuple[int, int, int], dtype: str) -> tupl
     return tile.vq + spans[0], tile.tqh + spans[1], -(-(tile.tqw + spans[2]) // v) * v
 
 
-#: Cells a thread from which the staged tile keeps d innermost (kernels/grouped.cu: DIN).
+#: Cells a thread from which the staged tile keeps d innermost (kernels/grouped.cu:
+#: cct::DEPTH_INNER_VQ, the kernel's DIN; tests/test_tables.py checks that the two agree).
 DEPTH_INNER_VQ = 4
 
 

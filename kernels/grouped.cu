@@ -43,6 +43,9 @@ enum GroupedHdr {
 constexpr int GROUPED_ROW_HDR = 8;
 // Global loads a thread issues before it stores them to shared memory (memory-level parallelism).
 constexpr int FILL = 4;
+// Cells a thread (VQ) from which the staged tile keeps d innermost ([ci][h][w][d], see below).
+// cupyconvt/_grouped.py: DEPTH_INNER_VQ (tests/test_tables.py checks that the two agree).
+constexpr int DEPTH_INNER_VQ = 4;
 
 // COT weights of one (tap, ci) from shared memory, as wide loads where the layout allows.
 template <typename A, int COT> struct WeightRow {
@@ -112,7 +115,7 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
     const int phases = hdr[cct::GH_PHASES], row_len = hdr[cct::GH_ROW_LEN];
     const int taps_all = hdr[cct::GH_TAPS_ALL], co_chunks = hdr[cct::GH_CO_CHUNKS];
     // d pitch of the staged tile and the step between a thread's cells (see the layouts above).
-    constexpr bool DIN = VQ >= 4;
+    constexpr bool DIN = VQ >= cct::DEPTH_INNER_VQ;
     const int DP = DIN ? (TD_in | 1) : 1;
     const int cell_step = DIN ? 1 : TH_in * TW_in;
     const int chan_in = TD_in * TH_in * TW_in + (DIN ? (DP - TD_in) * TH_in * TW_in : 0);
@@ -231,6 +234,7 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
             }
             for (int e0 = tid; e0 < x_elems; e0 += nthreads * cct::FILL) {
                 Acc v[cct::FILL];
+                int slot[cct::FILL];  // where element e goes in x_s ([h][w][d] when DIN)
 #pragma unroll
                 for (int k = 0; k < cct::FILL; ++k) {
                     const int e = e0 + k * nthreads;
@@ -244,20 +248,11 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
                                     iw >= 0 && iw < W;
                     v[k] = ok ? cct::to_acc(xg[ci * DHW + (static_cast<i64>(id) * H + ih) * W + iw])
                               : Acc(0);
+                    slot[k] = DIN ? ((ci * TH_in + hh) * TW_in + ww) * DP + dd : e;
                 }
 #pragma unroll
-                for (int k = 0; k < cct::FILL; ++k) {
-                    const int e = e0 + k * nthreads;
-                    if (e >= x_elems) break;
-                    if (DIN) {
-                        const int r = e / TW_in, ww = e - r * TW_in;
-                        const int hh = r % TH_in, dd = (r / TH_in) % TD_in;
-                        const int ci = r / (TH_in * TD_in);
-                        x_s[((ci * TH_in + hh) * TW_in + ww) * DP + dd] = v[k];
-                    } else {
-                        x_s[e] = v[k];
-                    }
-                }
+                for (int k = 0; k < cct::FILL; ++k)
+                    if (e0 + k * nthreads < x_elems) x_s[slot[k]] = v[k];
             }
         }
         __syncthreads();
@@ -267,6 +262,11 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
         for (int j = 0; j < COT; ++j)
             b[j] = (has_bias && co0 + j < cog) ? cct::to_acc(bias[grp * cog + co0 + j])
                                                  : Acc(0);
+        // An accumulator of channel j as it is stored: plus the bias (when there is one: adding
+        // a zero would turn -0 into +0), rounded to T.
+        auto finish = [&](Acc a, int j) {
+            return cct::from_acc<T>(has_bias ? cct::add_ieee(a, b[j]) : a);
+        };
         T* og = out + ((n * groups + grp) * cog + co0) * oVol;
         const i64 step_d = static_cast<i64>(sD) * oH * oW;  // one cell along d
         const Acc* x_thread = x_s + (threadIdx.y * TW_in + threadIdx.x) * DP;
@@ -328,9 +328,7 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
                     T* oc = o;
 #pragma unroll
                     for (int j = 0; j < COT; ++j, oc += oVol)
-                        if (co0 + j < cog)
-                            *oc = cct::from_acc<T>(has_bias ? cct::add_ieee(acc[0][v][j], b[j])
-                                                            : acc[0][v][j]);
+                        if (co0 + j < cog) *oc = finish(acc[0][v][j], j);
                 }
             } else {
                 // sW == 2: one phase starts at output 0 and the other at 1, so cell qw holds
@@ -348,17 +346,13 @@ grouped_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
 #pragma unroll
                     for (int j = 0; j < COT; ++j, oc += oVol) {
                         if (co0 + j >= cog) continue;
-                        Acc lo = swap ? acc[1][v][j] : acc[0][v][j];
-                        Acc hi = swap ? acc[0][v][j] : acc[1][v][j];
-                        if (has_bias) {
-                            lo = cct::add_ieee(lo, b[j]);
-                            hi = cct::add_ieee(hi, b[j]);
-                        }
+                        const T lo = finish(swap ? acc[1][v][j] : acc[0][v][j], j);
+                        const T hi = finish(swap ? acc[0][v][j] : acc[1][v][j], j);
                         if (pair_vec && ok_lo && ok_hi) {
-                            cct::store_pair(oc, cct::from_acc<T>(lo), cct::from_acc<T>(hi));
+                            cct::store_pair(oc, lo, hi);
                         } else {
-                            if (ok_lo) oc[0] = cct::from_acc<T>(lo);
-                            if (ok_hi) oc[1] = cct::from_acc<T>(hi);
+                            if (ok_lo) oc[0] = lo;
+                            if (ok_hi) oc[1] = hi;
                         }
                     }
                 }

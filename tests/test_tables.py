@@ -141,3 +141,25 @@ def test_grouped_tiles_reproduce_definition(case, sm_count, rng):
     assert GroupedPlan.eligible(p, "float32")
     got = _replay_grouped(x, w, b, p, "float32", sm_count)
     assert rel_err(got, conv_transpose3d_oracle(x, w, b, **case.kwargs)) <= TOL["float64"]
+
+
+def test_host_constants_match_the_kernels():
+    """The layout constants the host tables are built with are the ones the kernels read them
+    with: each is written once in Python and once in CUDA, and this is what keeps them in step."""
+    import re
+
+    from cupyconvt._compile import kernel_dir
+
+    grouped = (kernel_dir() / "grouped.cu").read_text(encoding="utf-8")
+    common = (kernel_dir() / "common.cuh").read_text(encoding="utf-8")
+
+    def const(src: str, pattern: str) -> int:
+        found = re.findall(pattern, src)
+        assert len(found) == 1, pattern
+        return int(found[0])
+
+    assert const(grouped, r"constexpr int DEPTH_INNER_VQ = (\d+);") == DEPTH_INNER_VQ
+    assert const(grouped, r"constexpr int GROUPED_ROW_HDR = (\d+);") == ROW_HDR
+    assert const(grouped, r"GH_SIZE = (\d+)") == GH_SIZE
+    assert const(common, r"enum \{ PHASE_HDR = (\d+) \}") == PHASE_HDR
+    assert "constexpr bool DIN = VQ >= cct::DEPTH_INNER_VQ;" in grouped

@@ -9,6 +9,7 @@ extents and, per phase, each tap's offsets into the staged tile and weights.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -37,11 +38,12 @@ GROUPED_ACC_REGS = 16
 #: store each pair of neighbouring outputs as one vector, at twice the accumulators: a warp then
 #: writes whole sectors instead of every other element. Problems with at most this many
 #: multiply-adds an output (C_in_g * taps / phases) are bound by those stores and take paired
-#: tiles even at half the cells a thread (VQ); heavier ones are bound by issue and take paired
-#: tiles only at the same VQ. Measured on the H100 (NOTES.md), float32: kb73 (27 an output)
-#: 1.47 -> 0.91 ms paired at VQ 1, big_volume (54) 0.61 -> 0.78 and kb72 (105) 0.28 -> 0.40 ms.
-#: float16 results are half the bytes, and kb73 lost there (0.96 -> 1.27 ms): 16-bit types pair
-#: only at the same VQ.
+#: tiles even at half the cells (VQ) or half the output channels (COT) a thread; heavier ones
+#: are bound by issue and take paired tiles only at the same VQ and COT. Measured on the H100
+#: (NOTES.md), float32: kb73 (27 an output) 1.47 -> 0.91 ms paired at VQ 1, big_volume (54)
+#: 0.61 -> 0.78 and kb72 (105) 0.28 -> 0.40 ms; float64 kb73, where a pair fits only at COT 4,
+#: 2.43 -> 1.87 ms. float16 results are half the bytes, and kb73 lost there (0.96 -> 1.27 ms):
+#: 16-bit types pair only at the same VQ and COT.
 GROUPED_PAIR_FIRST_MACS = 32
 #: Threads per block (kernels/grouped.cu: __launch_bounds__).
 GROUPED_THREADS = 256
@@ -184,10 +186,7 @@ class GroupedPlan:
         macs_per_output = p.C_in_g * p.kernel[0] * p.kernel[1] * p.kernel[2] / phases
         pair_first = macs_per_output <= GROUPED_PAIR_FIRST_MACS and dtype in ("float32", "float64")
         while cot >= 1:
-            combos = [(vq, pw) for vq in GROUPED_VQ[::-1] for pw in pws]
-            if pair_first:
-                combos.sort(key=lambda c: -c[1])  # stable: deeper tiles first within each pw
-            for vq, pw in combos:
+            for vq, pw in itertools.product(GROUPED_VQ[::-1], pws):
                 if (vq > 1 and vq > qmax[0]) or _acc_regs(dtype, cot, vq) * pw > GROUPED_ACC_REGS:
                     continue
                 for tqh in (tqh_full, tqh_full // 2):
@@ -204,6 +203,8 @@ class GroupedPlan:
             cot //= 2
         if not candidates:
             return None
+        if pair_first:  # stable: within each pw, the order above (wider, deeper, taller first)
+            candidates.sort(key=lambda c: -c[1].pw)
 
         def blocks(cot: int, t: GroupedTile) -> int:
             planes = p.N * p.groups * -(-p.C_out_g // cot)

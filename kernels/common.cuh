@@ -158,16 +158,18 @@ __device__ __forceinline__ void split_voxel(i64 m, i64 QD, i64 QH, i64 QW, i64& 
 // written; 0.48 -> 0.40 ms). Channels-last output has no such partial sectors, and there the
 // launch order measured 3-11% faster. One 64-bit division a block.
 struct GemmTileIdx {
-    i64 m;  // voxel tile
-    int n;  // channel tile
-    int z;  // group * phases + phase
+    i64 m;    // voxel tile
+    int n;    // channel tile
+    int grp;  // group
+    int ph;   // stride phase (the grid's z is grp * phases + ph)
 };
-template <bool PHASE_FASTEST> __device__ __forceinline__ GemmTileIdx gemm_tile() {
+template <bool PHASE_FASTEST> __device__ __forceinline__ GemmTileIdx gemm_tile(const int phases) {
     GemmTileIdx t;
+    int z;
     if constexpr (!PHASE_FASTEST) {
         t.m = blockIdx.x;
         t.n = static_cast<int>(blockIdx.y);
-        t.z = static_cast<int>(blockIdx.z);
+        z = static_cast<int>(blockIdx.z);
     } else {
         const i64 lin = blockIdx.x + static_cast<i64>(gridDim.x) *
                                          (blockIdx.y + static_cast<i64>(gridDim.y) * blockIdx.z);
@@ -175,8 +177,10 @@ template <bool PHASE_FASTEST> __device__ __forceinline__ GemmTileIdx gemm_tile()
         t.m = lin / zy;
         const u32 r = static_cast<u32>(lin - t.m * zy);  // z + gridDim.z * y
         t.n = static_cast<int>(r / gridDim.z);
-        t.z = static_cast<int>(r - static_cast<u32>(t.n) * gridDim.z);
+        z = static_cast<int>(r - static_cast<u32>(t.n) * gridDim.z);
     }
+    t.grp = z / phases;
+    t.ph = z - t.grp * phases;
     return t;
 }
 

@@ -156,9 +156,8 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
     // Geometry is read where it is used, not copied whole: registers go to the tile.
     const cct::ConvGeom& g = *geom;
     const int tid = threadIdx.x;
-    const cct::GemmTileIdx bt = cct::gemm_tile<true>();
-    const int grp = bt.z / phases;
-    const int ph = bt.z - grp * phases;
+    const cct::GemmTileIdx bt = cct::gemm_tile<true>(phases);
+    const int grp = bt.grp, ph = bt.ph;
     const int* tab = table + ph * (cct::PHASE_HDR + 4 * max_taps);
     const i64 QD = tab[3], QH = tab[4], QW = tab[5];
     const int taps = tab[6];

@@ -85,9 +85,8 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
     const cct::ConvGeom& g = *geom;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, w4 = warp & 3;
-    const cct::GemmTileIdx bt = cct::gemm_tile<!CL_OUT>();
-    const int grp = bt.z / phases;
-    const int ph = bt.z - grp * phases;
+    const cct::GemmTileIdx bt = cct::gemm_tile<!CL_OUT>(phases);
+    const int grp = bt.grp, ph = bt.ph;
     const int* tab = table + ph * (cct::PHASE_HDR + 4 * max_taps);
     const i64 QD = tab[3], QH = tab[4], QW = tab[5];
     const int taps = tab[6];

@@ -6,11 +6,14 @@ phase, per tap: a shifted dense correlation), and so are kernels/grouped.cu's st
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from cases import CASES
 from oracle import TOL, conv_transpose3d_oracle, rel_err
 
+from cupyconvt._compile import kernel_dir
 from cupyconvt._grouped import DEPTH_INNER_VQ, GH_SIZE, ROW_HDR, GroupedPlan
 from cupyconvt._params import ConvParams
 from cupyconvt._plans import PHASE_HDR, phase_table
@@ -146,10 +149,6 @@ def test_grouped_tiles_reproduce_definition(case, sm_count, rng):
 def test_host_constants_match_the_kernels():
     """The layout constants the host tables are built with are the ones the kernels read them
     with: each is written once in Python and once in CUDA, and this is what keeps them in step."""
-    import re
-
-    from cupyconvt._compile import kernel_dir
-
     grouped = (kernel_dir() / "grouped.cu").read_text(encoding="utf-8")
     common = (kernel_dir() / "common.cuh").read_text(encoding="utf-8")
 

@@ -53,6 +53,9 @@ class TcTile:
     #: 8 x 8 x (BM / 64) voxels computed by two warpgroups; WM and WN are not used.
     wg: bool = False
     KT: int = 1  # wgmma tiles: (tap, BK channels) units of weights a ring slot holds
+    #: wgmma tiles: the most input channels one staged tile holds (0: as many as fit). Fewer
+    #: channels a tile than C_in_g make the block restage its tile per channel tile.
+    CT: int = 0
 
     def threads(self) -> int:
         return 256 if self.wg else self.WM * self.WN * 32
@@ -84,7 +87,7 @@ class TcTile:
 
     def name(self) -> str:
         if self.wg:
-            return f"{self.BM}x{self.BN}k{self.BK}t{self.KT}w"
+            return f"{self.BM}x{self.BN}k{self.BK}t{self.KT}w" + (f"c{self.CT}" if self.CT else "")
         return f"{self.BM}x{self.BN}k{self.BK}{'h' if self.halo else ''}"
 
 
@@ -117,10 +120,14 @@ def tc_tiles(dtype: str) -> tuple[TcTile, ...]:
 
 
 #: Warpgroup-MMA tiles (kernels/wgmma.cu): wgmma widths BN, K chunks BK, d slices per
-#: warpgroup BM / 128, a 4-deep weight ring.
+#: warpgroup BM / 128, a 4-deep weight ring. Tiles of at most 64 accumulators a thread are
+#: built for two blocks an SM (128 registers, no spills; wider ones spill there), which they
+#: get where their shared memory allows (float16, H100, 2026-11-25, ms NCDHW / NDHWC, one block
+#: against two: unet_k3s2 0.92 / 0.74 against 0.74 / 0.64, kb77 0.87 / 0.56 against 0.71 / 0.39;
+#: kb58, whose blocks fit twice either way, unchanged).
 WG_BN = (16, 24, 32, 48, 64, 96, 128)
 WG_TILES = tuple(
-    TcTile(128 * mw, bn, bk, 8, 1, 4, 1, halo=True, wg=True)
+    TcTile(128 * mw, bn, bk, 8, 1, 4, 2 if bn * mw <= 128 else 1, halo=True, wg=True)
     for bn in WG_BN
     for bk in (64, 32, 16)
     for mw in (2, 4)
@@ -202,7 +209,7 @@ class HaloBox:
     pitch: (
         int  # elements per staged voxel (C_in_g padded, bank-conflict free); wgmma: voxels a plane
     )
-    planes: int = 0  # wgmma tiles: planes of 8 channels, each `pitch` voxels of 16 bytes
+    planes: int = 0  # wgmma tiles: planes of 8 channels a staged tile, `pitch` voxels of 16 bytes
 
     def elems(self) -> int:
         if self.planes:
@@ -278,13 +285,23 @@ def _wg_box(
     p: ConvParams, table: np.ndarray, tile: TcTile, itemsize: int, ci_pad: int
 ) -> HaloBox | None:
     """The wgmma tile's box, 8 x 8 x (BM / 64) phase voxels (w, h, d), and its input tile stored
-    as planes of 8 channels at an odd pitch (kernels/wgmma.cu), or None if it does not fit."""
+    as planes of 8 channels at an odd pitch (kernels/wgmma.cu), or None if it does not fit. The
+    tile holds the most channels that fit (at most ``tile.CT`` where set): all of ci_pad, else
+    ci_pad / k for the smallest k that divides ci_pad / BK (kernels/wgmma.cu stages it k times;
+    only with one unit of weights a ring slot, KT = 1)."""
     _, span = _spans(table)
     box = (tile.BM // 64, 8, 8)
     hd, hh, hw = (b + s_ for b, s_ in zip(box, span, strict=True))
     pitch = hd * hh * hw | 1
-    hb = HaloBox(box, (0, 0, 0), (hd, hh, hw), pitch, ci_pad // 8)
-    if tile.smem_bytes(itemsize, hb.elems(), int(table[:, 6].max())) > WG_SMEM:
+    units = ci_pad // tile.BK
+    for k in range(1, units + 1 if tile.KT == 1 else 2):
+        ct = ci_pad // k
+        if units % k or (tile.CT and ct > tile.CT):
+            continue
+        hb = HaloBox(box, (0, 0, 0), (hd, hh, hw), pitch, ct // 8)
+        if tile.smem_bytes(itemsize, hb.elems(), int(table[:, 6].max())) <= WG_SMEM:
+            break
+    else:
         return None
     qmax = [max(int(r[3 + a]) for r in table) for a in range(3)]
     counts = (-(-qmax[0] // box[0]), -(-qmax[1] // box[1]), -(-qmax[2] // box[2]))
@@ -420,6 +437,8 @@ class TcPlan:
         if box is not None:
             mins, _ = _spans(table)
             hdr = [*box.box, *box.counts, *box.tile, box.pitch]
+            if tile.wg:
+                hdr.append(box.planes * 8)  # CT: the channels of one staged tile
             box_table = DeviceArray(np.array(hdr + [v for m in mins for v in m], np.int32))
             blocks = p.N * box.counts[0] * box.counts[1] * box.counts[2]
             smem = tile.smem_bytes(itemsize, box.elems(), max_taps)

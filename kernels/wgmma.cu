@@ -8,10 +8,12 @@
 // A block owns a box of 8 x 8 x TD phase voxels (w, h, d; TD = 2*MW) of one sample and a BN-wide
 // slice of output channels (the grid's x and y; z is (group, phase); with channels-first output
 // the blocks are renumbered so that the phases of one box go out together: cct::gemm_tile). It
-// stages, once, the input tile of that box (HD x HH x HW voxels: the box plus the span of the
-// phase's tap offsets) of every input channel of the group; each tap's A is then a shifted view
-// of that tile and only the packed weights stream through a STAGES-deep cp.async ring, BK
-// channels of one tap a chunk.
+// stages the input tile of that box (HD x HH x HW voxels: the box plus the span of the phase's
+// tap offsets) for CT input channels of the group; each tap's A is then a shifted view of that
+// tile and only the packed weights stream through a STAGES-deep cp.async ring, BK channels of
+// one tap a chunk. K runs channel tile by channel tile, every tap of one tile before the next.
+// Where the tile of every channel fits (CT = ci_pad) it is staged once; else (vnet's 256
+// channels) the block drains its wgmmas and restages the tile between channel tiles.
 //
 // Shared memory holds both operands in wgmma's K-major "no swizzle" canonical layout: core
 // matrices of 8 rows x 16 bytes (8 channels), each row 16 bytes after the previous one.
@@ -61,10 +63,11 @@ __device__ __forceinline__ void fence_async_shared() {
 
 }  // namespace cct
 
-enum { WG_BOX_HDR = 10 };
+enum { WG_BOX_HDR = 11 };
 
-// box_tab: WG_BOX_HDR ints (TD, TH, TW, nbd, nbh, nbw, HD, HH, HW, PP), then 3 per phase (the
-// smallest tap offset along d, h, w), as tc.cu's with PP the plane pitch in voxels.
+// box_tab: WG_BOX_HDR ints (TD, TH, TW, nbd, nbh, nbw, HD, HH, HW, PP, CT), then 3 per phase (the
+// smallest tap offset along d, h, w), as tc.cu's with PP the plane pitch in voxels and CT the
+// channels of one staged tile (a multiple of BK dividing ci_pad; CT < ci_pad needs KT = 1).
 template <typename T, int BN, int BK, int MW, int KT, int STAGES, int MINB, bool CL_OUT>
 __global__ void __launch_bounds__(256, MINB)
 wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* __restrict__ bias,
@@ -98,6 +101,7 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
     const int nbd = __ldg(box_tab + 3), nbh = __ldg(box_tab + 4), nbw = __ldg(box_tab + 5);
     const int HD = __ldg(box_tab + 6), HH = __ldg(box_tab + 7), HW = __ldg(box_tab + 8);
     const int PP = __ldg(box_tab + 9);
+    const int CT = __ldg(box_tab + 10);
     i64 b = bt.m;
     const int bw = static_cast<int>(b % nbw); b /= nbw;
     const int bh = static_cast<int>(b % nbh); b /= nbh;
@@ -110,7 +114,7 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
     const int min_w = __ldg(box_tab + WG_BOX_HDR + 3 * ph + 2);
 
     T* const As = reinterpret_cast<T*>(smem_raw);  // planes of the input tile
-    const int planes = ci_pad / VEC;
+    const int planes = CT / VEC;  // of one staged tile
     T* const Bring = As + static_cast<i64>(planes) * PP * VEC;  // 16-byte aligned: PP*VEC*2
     // Each tap's shift of the input tile, in 16-byte units (voxels), after the ring.
     int* const tap_shift = reinterpret_cast<int*>(Bring + STAGES * B_STAGE);
@@ -133,28 +137,33 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
 
     const int units = taps * (ci_pad / BK);
     const int chunks = (units + KT - 1) / KT;
-    const T* w_next = wp + ((static_cast<i64>(grp) * phases + ph) * max_taps * co_pad +
-                            static_cast<i64>(bt.n) * BN) * ci_pad;
-    int it_c = 0;  // first input channel of the next unit to issue
-    int it_u = 0;  // its index
+    const T* const w_tap0 = wp + ((static_cast<i64>(grp) * phases + ph) * max_taps * co_pad +
+                                  static_cast<i64>(bt.n) * BN) * ci_pad;
+    const T* w_next = w_tap0;  // the next unit's tap's weights
+    int it_c = 0;   // first input channel of the next unit to issue
+    int it_c0 = 0;  // the first channel of its tile
+    int it_t = 0;   // its tap
+    int it_u = 0;   // its index
 
-    if (taps > 0) {
-        // The whole input tile, every channel plane (zero outside the input and past C_in_g), in
-        // the first cp.async group. Consecutive threads take one voxel's planes: its channels are
-        // contiguous in x.
+    // The input tile of channels c0 .. c0 + CT - 1, every plane (zero outside the input and past
+    // C_in_g), as cp.async copies. Consecutive threads take one voxel's planes: its channels are
+    // contiguous in x.
+    auto stage_tile = [&](int c0) {
         const int hv_all = HD * HH * HW;
         const int i0d = q0d + min_d, i0h = q0h + min_h, i0w = q0w + min_w;
-        const T* xb = x + n_box * g.D * g.H * g.W * C_in + static_cast<i64>(grp) * g.C_in_g;
+        const T* xb = x + n_box * g.D * g.H * g.W * C_in + static_cast<i64>(grp) * g.C_in_g + c0;
         for (int e = tid; e < hv_all * planes; e += NT) {
             const int hv = e / planes, c8 = e - hv * planes;
             const int hw = hv % HW, hh = (hv / HW) % HH, hd = hv / (HW * HH);
             const int id = i0d + hd, ih = i0h + hh, iw = i0w + hw;
-            const bool ok = c8 * VEC < C_in_g && static_cast<u32>(id) < D &&
+            const bool ok = c0 + c8 * VEC < C_in_g && static_cast<u32>(id) < D &&
                             static_cast<u32>(ih) < H && static_cast<u32>(iw) < W;
             const T* src = xb + ((static_cast<i64>(id) * H + ih) * W + iw) * C_in + c8 * VEC;
             cct::cp_async16_or_zero(As + (static_cast<i64>(c8) * PP + hv) * VEC, ok ? src : x, ok);
         }
-    }
+    };
+    // The first tile goes out in the first cp.async group.
+    if (taps > 0) stage_tile(0);
 
     // Weight chunk copies: element e -> row n = (e / (8*KV))*8 + e%8, column v = (e/8) % KV, so
     // 8 consecutive threads fill one 128-byte core matrix.
@@ -176,9 +185,15 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
                 }
                 ++it_u;
                 it_c += BK;
-                if (it_c == ci_pad) {
-                    it_c = 0;
+                if (it_c == it_c0 + CT) {  // the tile's channels done: next tap, or next tile
+                    it_c = it_c0;
                     w_next += static_cast<i64>(co_pad) * ci_pad;
+                    if (++it_t == taps) {
+                        it_t = 0;
+                        it_c0 += CT;
+                        it_c = it_c0;
+                        w_next = w_tap0;
+                    }
                 }
             }
         }
@@ -199,10 +214,24 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
     const u64 da0 = cct::wg_desc(cct::smem_addr(As) + static_cast<u32>(wg * MW * HH * HW) * 16,
                                  static_cast<u32>(PP) * 16, static_cast<u32>(HW) * 16);
     const u64 db0 = cct::wg_desc(cct::smem_addr(Bring), 128, KV * 128);
-    int c_tap = 0;  // the tap of the unit being computed
-    int c_it = 0;   // its first input channel
-    int c_u = 0;    // its index
+    int c_tap = 0;     // the tap of the unit being computed
+    int c_it = 0;      // its first input channel
+    int c_c0 = 0;      // the first channel of its tile
+    int c_u = 0;       // its index
+    int staged0 = 0;   // the first channel of the tile in shared memory
     for (int c = 0; c < chunks; ++c) {
+        if (KT == 1 && c_c0 != staged0) {
+            // The next channel tile: every warpgroup's wgmmas on this one finish, then it is
+            // overwritten (the ring's copies in flight are waited for too).
+            cct::wg_wait<0>();
+#pragma unroll
+            for (int i = 0; i < MW; ++i) cct::wg_hold<NR>(acc[i]);
+            __syncthreads();
+            stage_tile(c_c0);
+            cct::cp_commit();
+            cct::cp_wait<0>();
+            staged0 = c_c0;
+        }
         cct::cp_wait<STAGES - 3>();
         cct::fence_async_shared();
         __syncthreads();  // chunk c landed for all; chunk c-2's slot was read by both warpgroups
@@ -215,11 +244,19 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
             if (KT == 1 || c_u < units) {
                 // Row 0 of this warpgroup's first d slice, shifted by the tap, in plane c_it/8,
                 // in 16-byte units.
-                const u32 a_row0 = static_cast<u32>((c_it / VEC) * PP + tap_shift[c_tap]);
+                const u32 a_row0 =
+                    static_cast<u32>(((c_it - c_c0) / VEC) * PP + tap_shift[c_tap]);
                 const u32 b_unit = (b_chunk + static_cast<u32>(u * B_UNIT) * 2) >> 4;
                 ++c_u;
                 c_it += BK;
-                if (c_it == ci_pad) { c_it = 0; ++c_tap; }
+                if (c_it == c_c0 + CT) {
+                    c_it = c_c0;
+                    if (++c_tap == taps) {
+                        c_tap = 0;
+                        c_c0 += CT;
+                        c_it = c_c0;
+                    }
+                }
 #pragma unroll
                 for (int ks = 0; ks < BK / 16; ++ks) {
                     const u64 db = db0 + (b_unit + ks * 16);

@@ -621,6 +621,12 @@ def _tc() -> list[Problem]:
                 # i + 5 k: another shape for the same tile in another mode
                 cands = _tc_candidates(dt, prec, t, target, i + 5 * k)
                 out.append(_first(f"tc {dt}/{prec} {t.name()} {target}", cands, _tc_fits(target)))
+        # wgmma tiles staging one K chunk of channels at a time (kernels/wgmma.cu restages)
+        for i, t in enumerate(wg_tiles(dt)):
+            split = replace(t, CT=t.BK)
+            cands = (pr for pr in _tc_candidates(dt, prec, split, "ndhwc", i + 5 * k + 1)
+                     if pr.params.C_in_g > t.BK)  # fmt: skip
+            out.append(_first(f"tc {dt}/{prec} {split.name()}", cands, _tc_fits("ndhwc")))
     return out
 
 

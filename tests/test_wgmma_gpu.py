@@ -9,6 +9,8 @@ stride-2 problem has phases of different tap counts. Needs compute capability 9.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from oracle import TOL, conv_transpose3d_oracle, rel_err
@@ -33,8 +35,11 @@ def hopper():
     return cupy
 
 
-def _problem(t, i: int) -> tuple[ConvParams, dict]:
+def _problem(t, i: int, units: int = 0) -> tuple[ConvParams, dict]:
+    """``units``: C_in_g spanning that many K chunks, the last one partial."""
     c_in = t.BK + 8 if t.BK < 64 else 40  # a partial K chunk (or a padded one)
+    if units:
+        c_in = units * t.BK - 8
     c_out = max(8, t.BN - 5) if i % 2 else min(t.BN + 3, 133)  # a partial width, or two
     kw = [dict(stride=1, padding=1), dict(stride=2, padding=1, output_padding=1),
           dict(stride=(1, 2, 1), dilation=(2, 1, 1))][i % 3]  # fmt: skip
@@ -46,14 +51,31 @@ def _problem(t, i: int) -> tuple[ConvParams, dict]:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("i,t", list(enumerate(WG_TILES)), ids=lambda v: getattr(v, "name", str)())
 def test_wgmma_tile_matches_oracle(hopper, i, t, dtype, layout):
-    cupy = hopper
     p, kw = _problem(t, i)
+    _check(hopper, p, kw, t, i, dtype, layout)
+
+
+@pytest.mark.parametrize("layout", ["NCDHW", "NDHWC"])
+@pytest.mark.parametrize(
+    "i,t",
+    [(i, replace(t, CT=t.BK)) for i, t in enumerate(WG_TILES) if t.KT == 1],
+    ids=lambda v: getattr(v, "name", str)(),
+)
+def test_wgmma_channel_tiles_match_oracle(hopper, i, t, layout):
+    """The input tile staged one K chunk of channels at a time (CT = BK: three channel tiles,
+    the last partly padding), as vnet's 256 channels need: the block restages between them."""
+    p, kw = _problem(t, i, units=3)
+    _check(hopper, p, kw, t, i, "float16", layout, channel_tiles=3)
+
+
+def _check(cupy, p, kw, t, i, dtype, layout, channel_tiles=1):
     if not TcPlan.eligible(p, dtype):
         pytest.skip("not eligible")
     try:
         plan = TcPlan.build(p, dtype, "highest", 132, tile=t, cc=90)
     except ValueError:
         pytest.skip(f"the input tile of {t.name()} does not fit")
+    assert plan.ci_pad == channel_tiles * plan.box.planes * 8
     rng = np.random.default_rng(i)
     x = rng.standard_normal(p.x_shape5) + 0.25
     w = rng.standard_normal((p.C_in, p.C_out_g, *p.kernel)) / np.sqrt(p.C_in * 18)

@@ -293,13 +293,13 @@ def _wg_box(
     box = (tile.BM // 64, 8, 8)
     hd, hh, hw = (b + s_ for b, s_ in zip(box, span, strict=True))
     pitch = hd * hh * hw | 1
-    units = ci_pad // tile.BK
+    units, max_taps = ci_pad // tile.BK, int(table[:, 6].max())
     for k in range(1, units + 1 if tile.KT == 1 else 2):
         ct = ci_pad // k
         if units % k or (tile.CT and ct > tile.CT):
             continue
         hb = HaloBox(box, (0, 0, 0), (hd, hh, hw), pitch, ct // 8)
-        if tile.smem_bytes(itemsize, hb.elems(), int(table[:, 6].max())) <= WG_SMEM:
+        if tile.smem_bytes(itemsize, hb.elems(), max_taps) <= WG_SMEM:
             break
     else:
         return None

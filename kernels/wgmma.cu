@@ -56,6 +56,23 @@ template <int R> __device__ __forceinline__ void wg_hold(float* d) {
 #pragma unroll
     for (int r = 0; r < R; ++r) asm volatile("" : "+f"(d[r])::"memory");
 }
+// K's order in wg_conv_transpose3d: channel tile by channel tile, every tap of a tile, BK channels
+// a unit. A unit's first channel c, its tile's first channel c0, its tap t.
+struct KCursor {
+    int c = 0, c0 = 0, t = 0;
+    enum Step { SAME_TAP, NEXT_TAP, NEXT_TILE };
+    // Moves to the next unit.
+    __device__ __forceinline__ Step next(int bk, int ct, int taps) {
+        c += bk;
+        if (c != c0 + ct) return SAME_TAP;
+        c = c0;
+        if (++t != taps) return NEXT_TAP;
+        t = 0;
+        c0 += ct;
+        c = c0;
+        return NEXT_TILE;
+    }
+};
 // Orders this thread's completed cp.async writes before reads by the tensor cores (async proxy).
 __device__ __forceinline__ void fence_async_shared() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -140,10 +157,8 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
     const T* const w_tap0 = wp + ((static_cast<i64>(grp) * phases + ph) * max_taps * co_pad +
                                   static_cast<i64>(bt.n) * BN) * ci_pad;
     const T* w_next = w_tap0;  // the next unit's tap's weights
-    int it_c = 0;   // first input channel of the next unit to issue
-    int it_c0 = 0;  // the first channel of its tile
-    int it_t = 0;   // its tap
-    int it_u = 0;   // its index
+    cct::KCursor it;           // the next unit to issue
+    int it_u = 0;              // its index
 
     // The input tile of channels c0 .. c0 + CT - 1, every plane (zero outside the input and past
     // C_in_g), as cp.async copies. Consecutive threads take one voxel's planes: its channels are
@@ -172,7 +187,7 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
         for (int u = 0; u < KT; ++u) {
             if (it_u < units) {
                 T* bs = Bring + stage * B_STAGE + u * B_UNIT;
-                const T* wsrc = w_next + it_c;
+                const T* wsrc = w_next + it.c;
 #pragma unroll
                 for (int i = 0; i < (BN * KV + NT - 1) / NT; ++i) {
                     const int e = tid + i * NT;
@@ -184,16 +199,10 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
                     }
                 }
                 ++it_u;
-                it_c += BK;
-                if (it_c == it_c0 + CT) {  // the tile's channels done: next tap, or next tile
-                    it_c = it_c0;
-                    w_next += static_cast<i64>(co_pad) * ci_pad;
-                    if (++it_t == taps) {
-                        it_t = 0;
-                        it_c0 += CT;
-                        it_c = it_c0;
-                        w_next = w_tap0;
-                    }
+                switch (it.next(BK, CT, taps)) {
+                    case cct::KCursor::SAME_TAP: break;
+                    case cct::KCursor::NEXT_TAP: w_next += static_cast<i64>(co_pad) * ci_pad; break;
+                    case cct::KCursor::NEXT_TILE: w_next = w_tap0; break;
                 }
             }
         }
@@ -214,23 +223,20 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
     const u64 da0 = cct::wg_desc(cct::smem_addr(As) + static_cast<u32>(wg * MW * HH * HW) * 16,
                                  static_cast<u32>(PP) * 16, static_cast<u32>(HW) * 16);
     const u64 db0 = cct::wg_desc(cct::smem_addr(Bring), 128, KV * 128);
-    int c_tap = 0;     // the tap of the unit being computed
-    int c_it = 0;      // its first input channel
-    int c_c0 = 0;      // the first channel of its tile
-    int c_u = 0;       // its index
-    int staged0 = 0;   // the first channel of the tile in shared memory
+    cct::KCursor cu;         // the unit being computed
+    int c_u = 0;             // its index
+    bool new_tile = false;   // its channel tile is not the one in shared memory
     for (int c = 0; c < chunks; ++c) {
-        if (KT == 1 && c_c0 != staged0) {
+        if (KT == 1 && new_tile) {
             // The next channel tile: every warpgroup's wgmmas on this one finish, then it is
             // overwritten (the ring's copies in flight are waited for too).
             cct::wg_wait<0>();
 #pragma unroll
             for (int i = 0; i < MW; ++i) cct::wg_hold<NR>(acc[i]);
             __syncthreads();
-            stage_tile(c_c0);
+            stage_tile(cu.c0);
             cct::cp_commit();
             cct::cp_wait<0>();
-            staged0 = c_c0;
         }
         cct::cp_wait<STAGES - 3>();
         cct::fence_async_shared();
@@ -242,21 +248,12 @@ wg_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ wp, const T* 
 #pragma unroll
         for (int u = 0; u < KT; ++u) {
             if (KT == 1 || c_u < units) {
-                // Row 0 of this warpgroup's first d slice, shifted by the tap, in plane c_it/8,
+                // Row 0 of this warpgroup's first d slice, shifted by the tap, in plane (c - c0)/8,
                 // in 16-byte units.
-                const u32 a_row0 =
-                    static_cast<u32>(((c_it - c_c0) / VEC) * PP + tap_shift[c_tap]);
+                const u32 a_row0 = static_cast<u32>(((cu.c - cu.c0) / VEC) * PP + tap_shift[cu.t]);
                 const u32 b_unit = (b_chunk + static_cast<u32>(u * B_UNIT) * 2) >> 4;
                 ++c_u;
-                c_it += BK;
-                if (c_it == c_c0 + CT) {
-                    c_it = c_c0;
-                    if (++c_tap == taps) {
-                        c_tap = 0;
-                        c_c0 += CT;
-                        c_it = c_c0;
-                    }
-                }
+                new_tile = cu.next(BK, CT, taps) == cct::KCursor::NEXT_TILE;
 #pragma unroll
                 for (int ks = 0; ks < BK / 16; ++ks) {
                     const u64 db = db0 + (b_unit + ks * 16);

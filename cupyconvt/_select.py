@@ -14,10 +14,11 @@ from ._compile import KernelModule
 from ._grouped import GroupedPlan, grouped_module
 from ._igemm import IgemmPlan, igemm_module
 from ._params import ConvParams
+from ._patch import PatchPlan, all_patch_modules
 from ._plans import CPP_TYPE, DirectPlan, direct_module
 from ._tc import TcPlan, all_tc_modules, layout_module
 
-Plan = DirectPlan | GroupedPlan | IgemmPlan | TcPlan
+Plan = DirectPlan | GroupedPlan | IgemmPlan | TcPlan | PatchPlan
 FAMILIES = ("tc", "igemm", "grouped", "direct")
 
 #: A GEMM pays once both of its small dimensions fill a tile reasonably: below these channel
@@ -52,6 +53,7 @@ def all_modules() -> list[KernelModule]:
     return [f(d) for d in CPP_TYPE for f in (direct_module, grouped_module, igemm_module)] + [
         layout_module(),
         *all_tc_modules(),
+        *all_patch_modules(),
     ]
 
 
@@ -106,6 +108,9 @@ def _problem(p: ConvParams) -> tuple:
 
 def _build(p: ConvParams, dtype: str, dev: DeviceInfo, family: str, precision: str) -> Plan:
     if family == "tc":
+        # Layers whose kernel equals their stride run as one GEMM with the taps as columns.
+        if PatchPlan.eligible(p, dtype, dev.compute_capability):
+            return PatchPlan.build(p, dtype, dev.sm_count)
         return TcPlan.build(p, dtype, precision, dev.sm_count, cc=dev.compute_capability)
     if family == "igemm":
         return IgemmPlan.build(p, dtype, dev.sm_count)

@@ -188,6 +188,24 @@ def transpose(src: Any, dst: Any, batch: int, rows: int, cols: int) -> None:
     fn(grid, (TRANSPOSE_THREADS, 1, 1), (src, dst, np.int64(batch), np.int64(rows), np.int64(cols)))
 
 
+def channels_last_input(x: Any, p: ConvParams, channels_last: bool, storage: np.dtype) -> Any:
+    """x as the tensor-core kernels read it: channels-last and 16-byte aligned. An NDHWC x is
+    used as it is, or copied where it starts off a 16-byte boundary; an NCDHW x is transposed
+    into a workspace of ``storage`` elements."""
+    import cupy
+
+    if channels_last and x.data.ptr % 16 == 0:
+        return x
+    if channels_last:
+        xt = cupy.empty_like(x)
+        xt[...] = x
+        return xt
+    spatial = p.in_size[0] * p.in_size[1] * p.in_size[2]
+    xt = cupy.empty(p.N * spatial * p.C_in, dtype=storage)
+    transpose(x, xt, p.N, p.C_in, spatial)
+    return xt
+
+
 PACK_THREADS = 256
 #: The smallest BM of any tile: phase voxels per gathering block.
 MIN_BM = min(t.BM for itemsize in CHUNKS for bk in CHUNKS[itemsize] for t in _shapes(bk))
@@ -484,15 +502,7 @@ class TcPlan:
             return fns, self.table.get(), self.geom.get(), box
 
         (pack, gemm_ncdhw, gemm_ndhwc), table, geom, box = on_device(self._per_device, make)
-        spatial = p.in_size[0] * p.in_size[1] * p.in_size[2]
-        if channels_last and x.data.ptr % 16 == 0:
-            xt = x
-        elif channels_last:  # a view off a 16-byte boundary: the 16-byte copies need one
-            xt = cupy.empty_like(x)
-            xt[...] = x
-        else:
-            xt = cupy.empty(p.N * spatial * p.C_in, dtype=self.storage)
-            transpose(x, xt, p.N, p.C_in, spatial)
+        xt = channels_last_input(x, p, channels_last, self.storage)
         wp = cupy.empty(
             p.groups * self.phases * self.max_taps * self.ci_pad * self.co_pad, dtype=self.storage
         )

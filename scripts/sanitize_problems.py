@@ -56,6 +56,7 @@ from cupyconvt._compile import KernelModule
 from cupyconvt._grouped import grouped_module
 from cupyconvt._igemm import GemmTile, IgemmPlan, igemm_tiles
 from cupyconvt._params import ConvParams
+from cupyconvt._patch import PATCH_TILES, PatchPlan, PatchTile
 from cupyconvt._plans import CPP_TYPE
 from cupyconvt._select import DeviceInfo, all_modules, eligible, select
 from cupyconvt._tc import _BITS, MODES, TcPlan, TcTile, layout_module, tc_tiles, wg_tiles
@@ -160,12 +161,16 @@ def forward_plan(pr: Problem, dev: DeviceInfo = H100) -> Any:
         if not eligible(p, pr.dtype, "tc", pr.precision, cc):
             raise ValueError(f"{pr}: the tensor-core family cannot run it")
         return TcPlan.build(p, pr.dtype, pr.precision, dev.sm_count, tile=pr.tile)
+    if isinstance(pr.tile, PatchTile):
+        if not PatchPlan.eligible(p, pr.dtype, cc):
+            raise ValueError(f"{pr}: the patch GEMM cannot run it")
+        return PatchPlan.build(p, pr.dtype, dev.sm_count, tile=pr.tile)
     if isinstance(pr.tile, GemmTile):
         if not eligible(p, pr.dtype, "igemm", pr.precision, cc):
             raise ValueError(f"{pr}: the implicit-GEMM family cannot run it")
         return IgemmPlan.build(p, pr.dtype, dev.sm_count, tile=pr.tile)
     if pr.tile is not None:
-        raise TypeError(f"{pr}: tile must be a TcTile or a GemmTile, got {pr.tile!r}")
+        raise TypeError(f"{pr}: tile must be a TcTile, PatchTile or GemmTile, got {pr.tile!r}")
     return select(p, pr.dtype, dev, pr.family, pr.precision)
 
 
@@ -201,6 +206,13 @@ def _size(shape: Iterable[int]) -> int:
 
 def plan_launches(plan: Any, channels_last: bool = False) -> list[Kernel]:
     """The kernels ``plan.launch`` calls, in order (a plan's kernels() lists what it may call)."""
+    if isinstance(plan, PatchPlan):
+        if plan.grid[0] == 0:
+            return []
+        (m, pack_cf), (_, pack_cl), (_, gemm_cf), (_, gemm_cl), transpose = plan.kernels()
+        if channels_last:
+            return [(m, pack_cl), (m, gemm_cl)]
+        return [transpose, (m, pack_cf), (m, gemm_cf)]  # x to a channels-last workspace first
     if plan.family == "tc":
         if plan.grid[0] == 0:
             return []
@@ -630,6 +642,36 @@ def _tc() -> list[Problem]:
     return out
 
 
+#: Geometries whose kernel equals their stride (kernels/patch.cu): 2 x 2 x 2 patches (kW even:
+#: NCDHW results stored as element pairs) and 1 x 2 x 3 ones (kW odd: element by element), the
+#: kernel-1 axis with a dilation that does not matter.
+PATCH_GEOMETRIES = (
+    Geometry("k2s2", (3, 5, 6), (2, 2, 2), 2),
+    Geometry("k123s123", (3, 5, 8), (1, 2, 3), (1, 2, 3), dilation=(2, 1, 1)),
+)
+
+
+def _patch() -> list[Problem]:
+    """Every patch-GEMM tile in both dtypes and layouts: two row tiles (the last one partial),
+    planned for one SM in half the problems so that a block walks both; columns short of the
+    tile; C_in_g 24 (a partial K chunk for BK 32 and 64, two for 16); C_out_g odd (NDHWC element
+    by element) or even (NDHWC pairs); two groups in some."""
+    out = []
+    for k, dt in enumerate(("float16", "bfloat16")):
+        for i, t in enumerate(PATCH_TILES):
+            for j, layout in enumerate(("NCDHW", "NDHWC")):
+                g = PATCH_GEOMETRIES[(i + j + k) % len(PATCH_GEOMETRIES)]
+                groups = 2 if (i + k) % 3 == 0 else 1
+                c_out_g = ((13, 14) if groups == 1 else (7, 8))[(i + j) % 2]
+                n = -(-(t.BM + 22) // (g.in_size[0] * g.in_size[1] * g.in_size[2]))
+                out.append(Problem(
+                    f"fwd/patch/{_short(dt)}/{t.name()}/{layout.lower()}/{g.name}",
+                    _x_shape(n, 24 * groups, g), c_out_g * groups, groups=groups,
+                    bias=(i + j) % 2 == 0, dtype=dt, layout=layout, tile=t,
+                    sm_count=1 if (i + j + k) % 2 else None, kind="patch", **g.args()))  # fmt: skip
+    return out
+
+
 def _backward() -> list[Problem]:
     """Per dtype: every grad_input path (narrow variants, implicit-GEMM tiles) and every
     grad_weight tile, paired up problem by problem, with grad_bias each time; grad_weight
@@ -680,7 +722,7 @@ def _backward() -> list[Problem]:
 
 @cache
 def _problems() -> tuple[Problem, ...]:
-    out = _natural() + _direct() + _grouped() + _igemm() + _tc() + _backward()
+    out = _natural() + _direct() + _grouped() + _igemm() + _tc() + _patch() + _backward()
     big = [pr.name for pr in out if not _small(pr)]
     if big:
         raise ValueError(f"problems with more than {MAX_ELEMENTS} elements in x or out: {big}")

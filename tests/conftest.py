@@ -55,3 +55,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def hopper():
+    """CuPy on a GPU of compute capability 9.0 (the wgmma kernels are built for sm_90a), or skip."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            pytest.skip("no CUDA GPU")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA GPU")
+    cc = int(cupy.cuda.Device().compute_capability)
+    if cc != 90:
+        pytest.skip(f"wgmma needs compute capability 9.0, this GPU is {cc}")
+    return cupy

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cupyconvt._params import ConvParams
+from cupyconvt._patch import PATCH_TILES, PatchPlan, covers, patch_module
 from cupyconvt._plans import phase_table
 from cupyconvt._tc import (
     DEEP_K_MAX_PAD,
@@ -141,3 +142,52 @@ def test_wgmma_header_is_generated():
 
     script = ROOT / "scripts" / "gen_wgmma_ops.py"
     assert subprocess.run([sys.executable, str(script), "--check"]).returncode == 0
+
+
+def _device(cc: int):
+    from cupyconvt._select import DeviceInfo
+
+    return DeviceInfo(0, f"cc{cc}", cc, 132, 227 * 1024)
+
+
+def test_patch_covers_only_kernel_equal_stride():
+    """kernels/patch.cu runs exactly the layers whose outputs each come from one voxel and tap:
+    unet_k2s2 among the benchmark cases; padding, output padding, dilation (where the kernel is
+    not 1) and kernel != stride each rule it out."""
+    assert {c["name"] for c in BENCH if covers(_params(c))} == {"unet_k2s2_128to64"}
+    base = dict(stride=2)
+    x, w = (1, 16, 4, 4, 4), (16, 16, 2, 2, 2)
+    assert covers(ConvParams.from_args(x, w, **base))
+    assert covers(ConvParams.from_args(x, (16, 16, 1, 1, 1)))  # pointwise
+    assert covers(ConvParams.from_args(x, (16, 16, 1, 2, 2), stride=(1, 2, 2), dilation=(5, 1, 1)))
+    for kw in (dict(padding=1), dict(output_padding=1), dict(dilation=2), dict(stride=1)):
+        assert not covers(ConvParams.from_args(x, w, **{**base, **kw})), kw
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_patch_plan_selected_on_hopper(dtype):
+    """cc 9.0 and a 16-bit type: the tc family builds the patch GEMM for unet_k2s2 (a compiled
+    tile, two blocks' shared memory an SM); elsewhere, and for float32, the phase GEMMs."""
+    from cupyconvt._select import select
+
+    p = _params(next(c for c in BENCH if c["name"] == "unet_k2s2_128to64"))
+    plan = select(p, dtype, _device(90), "tc")
+    assert isinstance(plan, PatchPlan) and plan.tile in PATCH_TILES
+    assert plan.tile.BK == 64 and plan.ci_pad == 128 and plan.n_pad % plan.tile.BN == 0
+    rows, cols = 2 * 32**3, 8 * 64  # input voxels; taps x C_out
+    n_tiles = cols // plan.tile.BN
+    assert plan.n_pad == cols and plan.row_tiles == rows // plan.tile.BM
+    # persistent blocks, a whole number per column tile, two an SM (128 registers, smem)
+    assert plan.grid[0] % n_tiles == 0 and plan.grid[1:] == (1, 1)
+    assert plan.grid[0] == 264 // n_tiles * n_tiles
+    assert 2 * (plan.smem + 3 * 1024) <= 227 * 1024 and plan.tile.MW == 1
+    assert "--gpu-architecture=sm_90a" in patch_module(dtype, plan.tile).options
+    assert isinstance(select(p, dtype, _device(80), "tc"), TcPlan)
+    assert isinstance(select(p, "float32", _device(90), "tc", "medium"), TcPlan)
+    assert not PatchPlan.eligible(p, "float32", 90)
+    odd = ConvParams.from_args((1, 12, 4, 4, 4), (12, 16, 2, 2, 2), stride=2)
+    assert not PatchPlan.eligible(odd, dtype, 90)  # C_in_g not whole 16-byte vectors
+    # weights that fit no block's shared memory: the phase GEMMs instead
+    wide = ConvParams.from_args((1, 2048, 4, 4, 4), (2048, 16, 2, 2, 2), stride=2)
+    assert not PatchPlan.eligible(wide, dtype, 90)
+    assert isinstance(select(wide, dtype, _device(90), "tc"), TcPlan)

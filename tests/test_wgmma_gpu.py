@@ -21,20 +21,6 @@ from cupyconvt._tc import WG_TILES, TcPlan
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def hopper():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            pytest.skip("no CUDA GPU")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA GPU")
-    cc = int(cupy.cuda.Device().compute_capability)
-    if cc != 90:
-        pytest.skip(f"wgmma needs compute capability 9.0, this GPU is {cc}")
-    return cupy
-
-
 def _problem(t, i: int, units: int = 0) -> tuple[ConvParams, dict]:
     """``units``: C_in_g spanning that many K chunks, the last one partial."""
     c_in = t.BK + 8 if t.BK < 64 else 40  # a partial K chunk (or a padded one)

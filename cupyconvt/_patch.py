@@ -1,0 +1,207 @@
+"""The patch GEMM (kernels/patch.cu): float16/bfloat16 layers whose kernel equals their stride
+(no padding), where each input voxel expands into its own patch of outputs, run as one Hopper
+wgmma GEMM per group with the taps as extra columns, by persistent blocks that keep their
+columns' weights in shared memory. Part of the tensor-core family ("tc"): the selector builds a
+:class:`PatchPlan` for the problems it covers and a ``TcPlan`` otherwise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from ._compile import KernelModule, get_function
+from ._igemm import MAX_EXTENT
+from ._params import ConvParams
+from ._plans import CPP_TYPE, DeviceArray, geometry, on_device
+from ._tc import PACK_THREADS, WG_CC, WG_OPTIONS, channels_last_input, layout_module
+
+
+@dataclass(frozen=True)
+class PatchTile:
+    """BM = 128 * MW rows (input voxels) x BN columns ((channel, tap) pairs) a block tile, the
+    rows' K in chunks of BK channels through a STAGES-deep ring, MINB blocks an SM asked of
+    ptxas."""
+
+    BN: int
+    BK: int
+    MW: int
+    STAGES: int = 4
+    MINB: int = 2
+
+    @property
+    def BM(self) -> int:
+        return 128 * self.MW
+
+    def template(self, dtype: str, channels_last_out: bool) -> str:
+        flag = "true" if channels_last_out else "false"
+        return (
+            f"wg_patch_gemm<{CPP_TYPE[dtype]}, {self.BN}, {self.BK}, {self.MW}, {self.STAGES}, "
+            f"{self.MINB}, {flag}>"
+        )
+
+    def smem_bytes(self, ci_pad: int) -> int:
+        """Dynamic shared memory: the block's weights (BN x ci_pad) and the ring of A chunks
+        (BM x BK), 16-bit."""
+        return (self.BN * ci_pad + self.STAGES * self.BM * self.BK) * 2
+
+    def name(self) -> str:
+        return f"{self.BM}x{self.BN}k{self.BK}s{self.STAGES}p"
+
+
+#: The compiled tiles: wgmma widths 64 and 128, K chunks of 64, 32 and 16 channels, one m64
+#: tile a warpgroup (64 accumulators a thread at most: two blocks an SM at 128 registers; two m64
+#: tiles of 64 columns spilled 4-8 bytes there, and measured no faster on unet_k2s2).
+#: STAGES = 4 keeps two chunks in flight: all of a 128-channel row tile while the one before
+#: it is stored.
+PATCH_TILES = tuple(PatchTile(bn, bk, mw) for bn in (128, 64) for bk in (64, 32, 16) for mw in (1,))
+
+
+#: Shared memory a block may take (one block an SM at least; an H100 has 227 KiB): the
+#: weights of a 64-wide tile fit up to C_in_g = 1536 beside the ring.
+PATCH_SMEM = 200 * 1024
+#: Shared memory an SM offers blocks, less each block's static arrays and the driver's 1 KiB.
+SM_SMEM, BLOCK_OVERHEAD = 227 * 1024, 3 * 1024
+
+
+def covers(p: ConvParams) -> bool:
+    """Whether every output voxel of ``p`` comes from exactly one input voxel and tap: kernel ==
+    stride along each axis, no padding or output padding, dilation 1 where the kernel is not 1."""
+    return all(
+        k == s and pad == 0 and op == 0 and (d == 1 or k == 1)
+        for k, s, pad, op, d in zip(
+            p.kernel, p.stride, p.padding, p.output_padding, p.dilation, strict=True
+        )
+    )
+
+
+def pick_patch_tile(p: ConvParams) -> PatchTile | None:
+    """The deepest K chunk dividing C_in_g (16, padded, where none does); the wider width where
+    the columns fill it and its weights fit; None where no tile's weights fit."""
+    bk = next((k for k in (64, 32, 16) if p.C_in_g % k == 0), 16)
+    ci_pad = -(-p.C_in_g // bk) * bk
+    taps = p.kernel[0] * p.kernel[1] * p.kernel[2]
+    for bn in (128, 64) if taps * p.C_out_g >= 128 else (64,):
+        t = next(t for t in PATCH_TILES if (t.BN, t.BK, t.MW) == (bn, bk, 1))
+        if t.smem_bytes(ci_pad) <= PATCH_SMEM:
+            return t
+    return None
+
+
+@cache
+def patch_module(dtype: str, tile: PatchTile) -> KernelModule:
+    """Both output layouts of one tile and their weight packs."""
+    t = CPP_TYPE[dtype]
+    return KernelModule(
+        "patch.cu",
+        (
+            f"patch_pack_weights<{t}, false>",
+            f"patch_pack_weights<{t}, true>",
+            tile.template(dtype, False),
+            tile.template(dtype, True),
+        ),
+        WG_OPTIONS,
+    )
+
+
+def all_patch_modules() -> list[KernelModule]:
+    return [patch_module(d, t) for d in ("float16", "bfloat16") for t in PATCH_TILES]
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    p: ConvParams
+    dtype: str
+    tile: PatchTile
+    ci_pad: int
+    n_pad: int  # P * C_out_g columns, padded to whole BN tiles
+    row_tiles: int  # BM-row tiles of the N * D * H * W input voxels
+    grid: tuple[int, int, int]
+    pack_grid: tuple[int, int, int]
+    smem: int
+    geom: DeviceArray = field(compare=False, repr=False)
+    family: str = "tc"
+    _per_device: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def eligible(p: ConvParams, dtype: str, cc: int) -> bool:
+        """16-bit types on compute capability 9.0, for problems :func:`covers` describes, with
+        C_in_g a whole number of 16-byte vectors whose weights fit a block's shared memory
+        (pick_patch_tile); the kernel's 32-bit column and row-tile counts in range."""
+        if cc != WG_CC or dtype not in ("float16", "bfloat16") or not covers(p):
+            return False
+        cols = p.kernel[0] * p.kernel[1] * p.kernel[2] * p.C_out_g
+        rows = p.N * p.in_size[0] * p.in_size[1] * p.in_size[2]
+        return (
+            (p.C_in_g * 2) % 16 == 0
+            and p.groups <= 65535
+            and cols + max(t.BN for t in PATCH_TILES) < MAX_EXTENT
+            and -(-rows // min(t.BM for t in PATCH_TILES)) < MAX_EXTENT
+            and pick_patch_tile(p) is not None
+        )
+
+    @classmethod
+    def build(
+        cls, p: ConvParams, dtype: str, sm_count: int, tile: PatchTile | None = None
+    ) -> PatchPlan:
+        """Persistent blocks: as many as fit on the device at once (by MINB and shared memory),
+        a whole number of them per column tile."""
+        tile = tile or pick_patch_tile(p)
+        if tile is None:
+            raise ValueError("no patch tile's weights fit in shared memory")
+        cols = p.kernel[0] * p.kernel[1] * p.kernel[2] * p.C_out_g
+        rows = p.N * p.in_size[0] * p.in_size[1] * p.in_size[2]
+        ci_pad = -(-p.C_in_g // tile.BK) * tile.BK
+        n_pad = -(-cols // tile.BN) * tile.BN
+        n_tiles, row_tiles = n_pad // tile.BN, -(-rows // tile.BM)
+        smem = tile.smem_bytes(ci_pad)
+        if smem > PATCH_SMEM:
+            raise ValueError(f"the weights of {tile.name()} ({smem} bytes) do not fit")
+        per_sm = max(1, min(tile.MINB, SM_SMEM // (smem + BLOCK_OVERHEAD)))
+        resident = max(1, sm_count * per_sm // p.groups)
+        steps = max(1, min(row_tiles, resident // n_tiles))  # row-tile steps of a block
+        grid = (n_tiles * steps, 1, p.groups)
+        packed = p.groups * n_pad * ci_pad
+        pack_grid = (max(1, min(-(-packed // PACK_THREADS), sm_count * 8)), 1, 1)
+        return cls(p, dtype, tile, ci_pad, n_pad, row_tiles, grid, pack_grid, smem, geometry(p))
+
+    @property
+    def storage(self) -> np.dtype:
+        return np.dtype(np.uint16)  # 16-bit types move as bits
+
+    def kernels(self) -> list[tuple[KernelModule, str]]:
+        m = patch_module(self.dtype, self.tile)
+        return [(m, n) for n in m.name_expressions] + [(layout_module(), "batched_transpose<u16>")]
+
+    def launch(self, x: Any, w: Any, bias: Any, out: Any, channels_last: bool = False) -> None:
+        """``channels_last``: x is NDHWC and out is written NDHWC; else both are NCDHW (x is then
+        transposed into a channels-last workspace first; the result is written in place)."""
+        import cupy
+
+        p = self.p
+        if self.grid[0] == 0:
+            return
+
+        def make() -> tuple:
+            m = patch_module(self.dtype, self.tile)
+            pack_cf, pack_cl, gemm_cf, gemm_cl = m.name_expressions
+            return (get_function(m, pack_cf), get_function(m, pack_cl),
+                    get_function(m, gemm_cf, self.smem), get_function(m, gemm_cl, self.smem),
+                    self.geom.get())  # fmt: skip
+
+        pack_cf, pack_cl, gemm_cf, gemm_cl, geom = on_device(self._per_device, make)
+        xt = channels_last_input(x, p, channels_last, self.storage)
+        wp = cupy.empty(p.groups * self.n_pad * self.ci_pad, dtype=self.storage)
+        pack = pack_cl if channels_last else pack_cf
+        pack(self.pack_grid, (PACK_THREADS, 1, 1),
+             (w, wp, geom, np.int32(self.ci_pad), np.int32(self.n_pad)))  # fmt: skip
+        gemm = gemm_cl if channels_last else gemm_cf
+        # Element pairs (two adjacent columns) are adjacent in memory and 4-byte aligned when
+        # kW (NCDHW: taps fastest) or C_out_g (NDHWC: channels fastest) is even.
+        even = p.C_out_g % 2 == 0 if channels_last else p.kernel[2] % 2 == 0
+        pairs = np.int32(even and out.data.ptr % 4 == 0)
+        n_tiles = np.int32(self.n_pad // self.tile.BN)
+        gemm(self.grid, (256, 1, 1), (xt, wp, bias, out, geom, np.int32(self.ci_pad), n_tiles,
+             np.int32(self.row_tiles), pairs), shared_mem=self.smem)  # fmt: skip

@@ -1,0 +1,101 @@
+"""The patch GEMM (kernels/patch.cu: kernel == stride, no padding), every compiled tile forced,
+against the float64 oracle.
+
+float16 and bfloat16, NCDHW and NDHWC, with and without bias, on fresh random data with the
+output poisoned with NaN: an element left unwritten fails. The problems make every edge partial:
+rows that do not fill the last row tile, columns (taps x C_out_g) that do not fill the last
+column tile, C_in_g that pads the last K chunk, two groups, anisotropic patches (1 x 2 x 3, one
+axis of kernel 1 with a dilation that must not matter) and the pointwise case (kernel 1). Needs
+compute capability 9.0 (sm_90a).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from oracle import TOL, conv_transpose3d_oracle, rel_err
+
+from cupyconvt._params import ConvParams
+from cupyconvt._patch import PATCH_TILES, PatchPlan
+
+pytestmark = pytest.mark.gpu
+
+#: (x shape, weight shape, keyword arguments): C_in_g 24 / 40 / 16 / 64 pads BK 16 / 32 / 64
+#: chunks, or fills them.
+PROBLEMS = [
+    ((2, 24, 5, 7, 9), (24, 37, 2, 2, 2), dict(stride=2)),
+    ((1, 80, 6, 5, 7), (80, 13, 1, 2, 3), dict(stride=(1, 2, 3), groups=2, dilation=(3, 1, 1))),
+    ((3, 16, 4, 6, 11), (16, 70, 1, 1, 1), dict()),
+    ((1, 64, 8, 8, 8), (64, 32, 2, 2, 2), dict(stride=2)),
+]
+
+
+@pytest.mark.parametrize("sms", [132, 1], ids=["full", "one-sm"])
+@pytest.mark.parametrize("layout", ["NCDHW", "NDHWC"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("k", range(len(PROBLEMS)))
+@pytest.mark.parametrize("t", PATCH_TILES, ids=lambda t: t.name())
+def test_patch_tile_matches_oracle(hopper, t, k, dtype, layout, sms):
+    """``sms=1``: the grid of a one-SM device (two blocks), so that each persistent block walks
+    several row tiles of its column tile (the ring runs across tile boundaries)."""
+    cupy = hopper
+    xs, ws, kw = PROBLEMS[k]
+    bias = k % 2 == 0
+    p = ConvParams.from_args(xs, ws, (ws[1] * kw.get("groups", 1),) if bias else None, **kw)
+    assert PatchPlan.eligible(p, dtype, 90)
+    plan = PatchPlan.build(p, dtype, sms, tile=t)
+    if sms == 1:  # the blocks one SM holds at once: each walks several row tiles
+        n_tiles = plan.n_pad // t.BN
+        assert plan.grid[0] % n_tiles == 0 and plan.grid[0] < plan.row_tiles * n_tiles
+    rng = np.random.default_rng(1000 * k + PATCH_TILES.index(t))
+    x = rng.standard_normal(xs) + 0.25
+    w = rng.standard_normal(ws) / np.sqrt(ws[0])
+    b = rng.standard_normal(p.C_out) if bias else None
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        cast = ml_dtypes.bfloat16
+    else:
+        cast = np.float16
+    xq, wq = x.astype(cast), w.astype(cast)
+    bq = b.astype(cast) if bias else None
+    ref = conv_transpose3d_oracle(
+        xq.astype(np.float64), wq.astype(np.float64),
+        None if bq is None else bq.astype(np.float64), **kw,
+    )  # fmt: skip
+    view = cupy.float16 if dtype == "float16" else cupy.uint16
+
+    def dev(a):
+        return None if a is None else cupy.asarray(a.view(np.uint16)).view(view)
+
+    xd, wd, bd = dev(xq), dev(wq), dev(bq)
+    shape = p.out_shape5
+    if layout == "NDHWC":
+        xd = cupy.ascontiguousarray(cupy.moveaxis(xd, 1, -1))
+        shape = (shape[0], *shape[2:], shape[1])
+    out = cupy.full(shape, 0x7FFF, cupy.uint16).view(view)  # NaN in float16 and in bfloat16
+    plan.launch(xd, wd, bd, out, layout == "NDHWC")
+    got = cupy.asnumpy(out.view(cupy.uint16)).view(cast).astype(np.float64)
+    if layout == "NDHWC":
+        got = np.moveaxis(got, -1, 1)
+    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} elements unwritten"
+    assert rel_err(got, ref) <= TOL[dtype], (t.name(), rel_err(got, ref))
+
+
+def test_patch_layouts_agree_bitwise(hopper):
+    """The two column orders reduce each output's channels in the same order."""
+    cupy = hopper
+    from cupyconvt import conv_transpose3d
+    from cupyconvt._gpu import device_info, select
+
+    rng = cupy.random.default_rng(7)
+    x = rng.standard_normal((2, 64, 9, 10, 12), dtype=cupy.float32).astype(cupy.float16)
+    w = rng.standard_normal((64, 48, 2, 2, 2), dtype=cupy.float32).astype(cupy.float16) / 8
+    b = rng.standard_normal(48, dtype=cupy.float32).astype(cupy.float16)
+    a = conv_transpose3d(x, w, b, stride=2)
+    xl = cupy.ascontiguousarray(cupy.moveaxis(x, 1, -1))
+    c = conv_transpose3d(xl, w, b, stride=2, layout="NDHWC")
+    plan = select(ConvParams.from_args(x.shape, w.shape, b.shape, stride=2), "float16",
+                  device_info(x.device.id))  # fmt: skip
+    assert isinstance(plan, PatchPlan)
+    assert cupy.array_equal(a.view(cupy.uint16), cupy.moveaxis(c, -1, 1).view(cupy.uint16))

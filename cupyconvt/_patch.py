@@ -16,7 +16,7 @@ from ._compile import KernelModule, get_function
 from ._igemm import MAX_EXTENT
 from ._params import ConvParams
 from ._plans import CPP_TYPE, DeviceArray, geometry, on_device
-from ._tc import PACK_THREADS, WG_CC, WG_OPTIONS, channels_last_input, layout_module
+from ._tc import WG_CC, WG_OPTIONS, channels_last_input, layout_module
 
 
 @dataclass(frozen=True)
@@ -92,18 +92,9 @@ def pick_patch_tile(p: ConvParams) -> PatchTile | None:
 
 @cache
 def patch_module(dtype: str, tile: PatchTile) -> KernelModule:
-    """Both output layouts of one tile and their weight packs."""
-    t = CPP_TYPE[dtype]
-    return KernelModule(
-        "patch.cu",
-        (
-            f"patch_pack_weights<{t}, false>",
-            f"patch_pack_weights<{t}, true>",
-            tile.template(dtype, False),
-            tile.template(dtype, True),
-        ),
-        WG_OPTIONS,
-    )
+    """Both output layouts of one tile (the kernels read w as given: no weight pack)."""
+    return KernelModule("patch.cu", (tile.template(dtype, False), tile.template(dtype, True)),
+                        WG_OPTIONS)  # fmt: skip
 
 
 def all_patch_modules() -> list[KernelModule]:
@@ -119,7 +110,6 @@ class PatchPlan:
     n_pad: int  # P * C_out_g columns, padded to whole BN tiles
     row_tiles: int  # BM-row tiles of the N * D * H * W input voxels
     grid: tuple[int, int, int]
-    pack_grid: tuple[int, int, int]
     smem: int
     geom: DeviceArray = field(compare=False, repr=False)
     family: str = "tc"
@@ -163,9 +153,7 @@ class PatchPlan:
         resident = max(1, sm_count * per_sm // p.groups)
         steps = max(1, min(row_tiles, resident // n_tiles))  # row-tile steps of a block
         grid = (n_tiles * steps, 1, p.groups)
-        packed = p.groups * n_pad * ci_pad
-        pack_grid = (max(1, min(-(-packed // PACK_THREADS), sm_count * 8)), 1, 1)
-        return cls(p, dtype, tile, ci_pad, n_pad, row_tiles, grid, pack_grid, smem, geometry(p))
+        return cls(p, dtype, tile, ci_pad, n_pad, row_tiles, grid, smem, geometry(p))
 
     @property
     def storage(self) -> np.dtype:
@@ -178,30 +166,23 @@ class PatchPlan:
     def launch(self, x: Any, w: Any, bias: Any, out: Any, channels_last: bool = False) -> None:
         """``channels_last``: x is NDHWC and out is written NDHWC; else both are NCDHW (x is then
         transposed into a channels-last workspace first; the result is written in place)."""
-        import cupy
-
         p = self.p
         if self.grid[0] == 0:
             return
 
         def make() -> tuple:
             m = patch_module(self.dtype, self.tile)
-            pack_cf, pack_cl, gemm_cf, gemm_cl = m.name_expressions
-            return (get_function(m, pack_cf), get_function(m, pack_cl),
-                    get_function(m, gemm_cf, self.smem), get_function(m, gemm_cl, self.smem),
+            gemm_cf, gemm_cl = m.name_expressions
+            return (get_function(m, gemm_cf, self.smem), get_function(m, gemm_cl, self.smem),
                     self.geom.get())  # fmt: skip
 
-        pack_cf, pack_cl, gemm_cf, gemm_cl, geom = on_device(self._per_device, make)
+        gemm_cf, gemm_cl, geom = on_device(self._per_device, make)
         xt = channels_last_input(x, p, channels_last, self.storage)
-        wp = cupy.empty(p.groups * self.n_pad * self.ci_pad, dtype=self.storage)
-        pack = pack_cl if channels_last else pack_cf
-        pack(self.pack_grid, (PACK_THREADS, 1, 1),
-             (w, wp, geom, np.int32(self.ci_pad), np.int32(self.n_pad)))  # fmt: skip
         gemm = gemm_cl if channels_last else gemm_cf
         # Element pairs (two adjacent columns) are adjacent in memory and 4-byte aligned when
         # kW (NCDHW: taps fastest) or C_out_g (NDHWC: channels fastest) is even.
         even = p.C_out_g % 2 == 0 if channels_last else p.kernel[2] % 2 == 0
         pairs = np.int32(even and out.data.ptr % 4 == 0)
         n_tiles = np.int32(self.n_pad // self.tile.BN)
-        gemm(self.grid, (256, 1, 1), (xt, wp, bias, out, geom, np.int32(self.ci_pad), n_tiles,
+        gemm(self.grid, (256, 1, 1), (xt, w, bias, out, geom, np.int32(self.ci_pad), n_tiles,
              np.int32(self.row_tiles), pairs), shared_mem=self.smem)  # fmt: skip

@@ -12,7 +12,8 @@
 // and storing every other element of a row; here one block covers several phases.)
 //
 // The GEMM is short (K = C_in_g) and its output large, so it is memory-bound: a block is
-// persistent and keeps its BN columns' weights (BN x ci_pad) in shared memory for good. Block b
+// persistent and keeps its BN columns' weights (BN x ci_pad), gathered from w itself (no
+// packing pass, no workspace), in shared memory for good. Block b
 // owns column tile b % n_tiles and row tiles b / n_tiles, + gridDim.x / n_tiles, ... (gridDim.x
 // is a multiple of n_tiles: the blocks of one row tile run together and read it once from DRAM).
 // Its row tiles' A (BM = 128*MW rows x BK channels a chunk) stream through a STAGES-deep cp.async
@@ -31,6 +32,19 @@
 
 namespace cct {
 
+// Two floats rounded to the 16-bit type and packed as one word, `lo` at the lower address.
+template <typename T> __device__ __forceinline__ u32 pack_pair(float lo, float hi);
+template <> __device__ __forceinline__ u32 pack_pair<half_t>(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+template <> __device__ __forceinline__ u32 pack_pair<bf16_t>(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
 // Column n of the patch GEMM -> (output channel within the group, tap).
 template <bool CO_FASTEST>
 __device__ __forceinline__ void patch_column(int n, int C_out_g, int P, int& co, int& t) {
@@ -40,37 +54,12 @@ __device__ __forceinline__ void patch_column(int n, int C_out_g, int P, int& co,
 
 }  // namespace cct
 
-// Packs w (C_in, C_out_g, kD, kH, kW) into wp[g][n][ci_pad], n < n_pad (the columns padded to
-// whole BN tiles), zero past C_in_g and past the P*C_out_g columns: the GEMM reads it unchecked.
-template <typename T, bool CO_FASTEST>
-__global__ void patch_pack_weights(const T* __restrict__ w, T* __restrict__ wp,
-                                   const cct::ConvGeom* __restrict__ geom, const int ci_pad,
-                                   const int n_pad) {
-    const cct::ConvGeom g = *geom;
-    const int P = static_cast<int>(g.kD * g.kH * g.kW);
-    const int C_out_g = static_cast<int>(g.C_out_g);
-    const int n_cols = P * C_out_g;
-    const i64 total = g.groups * static_cast<i64>(n_pad) * ci_pad;
-    for (i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-         e += static_cast<i64>(gridDim.x) * blockDim.x) {
-        const int ci = static_cast<int>(e % ci_pad);
-        const int n = static_cast<int>((e / ci_pad) % n_pad);
-        const i64 grp = e / (static_cast<i64>(ci_pad) * n_pad);
-        T v = cct::from_acc<T>(0.0f);
-        if (ci < g.C_in_g && n < n_cols) {
-            int co, t;
-            cct::patch_column<CO_FASTEST>(n, C_out_g, P, co, t);
-            v = w[((grp * g.C_in_g + ci) * C_out_g + co) * P + t];
-        }
-        wp[e] = v;
-    }
-}
-
-// x: channels-last (N, D, H, W, C_in); wp from patch_pack_weights<T, CL_OUT>; out NDHWC where
-// CL_OUT, else NCDHW. n_tiles: column tiles per group (n_pad / BN); row_tiles: ceil(M / BM).
+// x: channels-last (N, D, H, W, C_in); w as given (C_in, C_out_g, kD, kH, kW); out NDHWC where
+// CL_OUT, else NCDHW. n_tiles: column tiles per group (ceil(P*C_out_g / BN)); row_tiles:
+// ceil(M / BM).
 template <typename T, int BN, int BK, int MW, int STAGES, int MINB, bool CL_OUT>
 __global__ void __launch_bounds__(256, MINB)
-wg_patch_gemm(const T* __restrict__ x, const T* __restrict__ wp, const T* __restrict__ bias,
+wg_patch_gemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
               T* __restrict__ out, const cct::ConvGeom* __restrict__ geom, const int ci_pad,
               const int n_tiles, const int row_tiles, const int pairs) {
     constexpr int NT = 256, VEC = 8, BM = 128 * MW;
@@ -142,13 +131,29 @@ wg_patch_gemm(const T* __restrict__ x, const T* __restrict__ wp, const T* __rest
         }
     };
 
-    // The weights go out in the first copy group, with the first chunk.
+    // The block's weights, gathered from w once (no packing pass): row n of B is column
+    // (co, t), 8 channels ci a 16-byte vector, P*C_out_g apart in w; zero past C_in_g and past
+    // the last column. Plain stores: the fence before the first wgmma orders them.
     {
-        const T* const wb = wp + (static_cast<i64>(grp) * n_tiles * BN + n0) * ci_pad;
+        const i64 ci_step = static_cast<i64>(C_out_g) * P;
+        const T* const wg_ = w + static_cast<i64>(grp) * C_in_g * ci_step;
         for (int e = tid; e < BN * KB; e += NT) {
             const int e8 = e & 7, kv = (e >> 3) % KB, nb = e / (8 * KB);
-            cct::copy16(Bs + ((nb * KB + kv) * 8 + e8) * VEC,
-                        wb + static_cast<i64>(nb * 8 + e8) * ci_pad + kv * VEC);
+            const int n = n0 + nb * 8 + e8;
+            u32 v[VEC / 2] = {};
+            if (n < P * C_out_g) {
+                int co, t;
+                cct::patch_column<CL_OUT>(n, C_out_g, P, co, t);
+                const T* const src = wg_ + static_cast<i64>(co) * P + t;
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) {
+                    const int ci = kv * VEC + j;
+                    const u32 bits = ci < C_in_g ? src[ci * ci_step].bits : 0u;
+                    v[j / 2] |= bits << (16 * (j % 2));
+                }
+            }
+            *reinterpret_cast<uint4*>(Bs + ((nb * KB + kv) * 8 + e8) * VEC) =
+                make_uint4(v[0], v[1], v[2], v[3]);
         }
     }
 #pragma unroll
@@ -165,6 +170,7 @@ wg_patch_gemm(const T* __restrict__ x, const T* __restrict__ wp, const T* __rest
 
     const u32 a_base = cct::smem_addr(As), b_base = cct::smem_addr(Bs);
     const int gq = lane >> 2, tq = lane & 3;
+    const bool full_cols = n0 + BN <= P * C_out_g;  // every column of the tile exists
     int c = 0, it = 0;  // unit u's chunk and row-tile step
     for (int u = 0; u < units; ++u) {
         cct::cp_wait<STAGES - 3>();
@@ -220,17 +226,15 @@ wg_patch_gemm(const T* __restrict__ x, const T* __restrict__ wp, const T* __rest
                 for (int j = 0; j < BN / 8; ++j) {
                     const int nl = 8 * j + 2 * tq;
                     const i64 o0 = col_off[nl];
-                    const T v0 = cct::from_acc<T>(cct::add_ieee(acc[i][4 * j + 2 * h], col_bias[nl]));
-                    const T v1 = cct::from_acc<T>(
-                        cct::add_ieee(acc[i][4 * j + 2 * h + 1], col_bias[nl + 1]));
+                    const float v0 = cct::add_ieee(acc[i][4 * j + 2 * h], col_bias[nl]);
+                    const float v1 = cct::add_ieee(acc[i][4 * j + 2 * h + 1], col_bias[nl + 1]);
                     if (pairs) {  // columns nl, nl + 1 exist together, adjacent and aligned
-                        if (o0 >= 0)
-                            *reinterpret_cast<u32*>(row + o0) =
-                                static_cast<u32>(v0.bits) | (static_cast<u32>(v1.bits) << 16);
+                        if (full_cols || o0 >= 0)
+                            *reinterpret_cast<u32*>(row + o0) = cct::pack_pair<T>(v0, v1);
                     } else {
                         const i64 o1 = col_off[nl + 1];
-                        if (o0 >= 0) row[o0] = v0;
-                        if (o1 >= 0) row[o1] = v1;
+                        if (o0 >= 0) row[o0] = cct::from_acc<T>(v0);
+                        if (o1 >= 0) row[o1] = cct::from_acc<T>(v1);
                     }
                 }
             }

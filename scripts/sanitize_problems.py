@@ -209,10 +209,8 @@ def plan_launches(plan: Any, channels_last: bool = False) -> list[Kernel]:
     if isinstance(plan, PatchPlan):
         if plan.grid[0] == 0:
             return []
-        (m, pack_cf), (_, pack_cl), (_, gemm_cf), (_, gemm_cl), transpose = plan.kernels()
-        if channels_last:
-            return [(m, pack_cl), (m, gemm_cl)]
-        return [transpose, (m, pack_cf), (m, gemm_cf)]  # x to a channels-last workspace first
+        gemm_cf, gemm_cl, transpose = plan.kernels()
+        return [gemm_cl] if channels_last else [transpose, gemm_cf]  # x to channels-last first
     if plan.family == "tc":
         if plan.grid[0] == 0:
             return []

@@ -60,7 +60,7 @@ PATCH_TILES = tuple(PatchTile(bn, bk, mw) for bn in (128, 64) for bk in (64, 32,
 
 
 #: Shared memory a block may take (one block an SM at least; an H100 has 227 KiB): the
-#: weights of a 64-wide tile fit up to C_in_g = 1536 beside the ring.
+#: weights of a 64-wide tile fit up to C_in_g = 1088 beside a ring of 64-channel chunks.
 PATCH_SMEM = 200 * 1024
 #: Shared memory an SM offers blocks, less each block's static arrays and the driver's 1 KiB.
 SM_SMEM, BLOCK_OVERHEAD = 227 * 1024, 3 * 1024

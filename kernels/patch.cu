@@ -136,7 +136,7 @@ wg_patch_gemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restr
     // the last column. Plain stores: the fence before the first wgmma orders them.
     {
         const i64 ci_step = static_cast<i64>(C_out_g) * P;
-        const T* const wg_ = w + static_cast<i64>(grp) * C_in_g * ci_step;
+        const T* const w_grp = w + static_cast<i64>(grp) * C_in_g * ci_step;
         for (int e = tid; e < BN * KB; e += NT) {
             const int e8 = e & 7, kv = (e >> 3) % KB, nb = e / (8 * KB);
             const int n = n0 + nb * 8 + e8;
@@ -144,7 +144,7 @@ wg_patch_gemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restr
             if (n < P * C_out_g) {
                 int co, t;
                 cct::patch_column<CL_OUT>(n, C_out_g, P, co, t);
-                const T* const src = wg_ + static_cast<i64>(co) * P + t;
+                const T* const src = w_grp + static_cast<i64>(co) * P + t;
 #pragma unroll
                 for (int j = 0; j < VEC; ++j) {
                     const int ci = kv * VEC + j;

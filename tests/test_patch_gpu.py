@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from oracle import TOL, conv_transpose3d_oracle, rel_err
+from plan_check import check_16bit_plan
 
 from cupyconvt._params import ConvParams
 from cupyconvt._patch import PATCH_TILES, PatchPlan
@@ -38,7 +38,6 @@ PROBLEMS = [
 def test_patch_tile_matches_oracle(hopper, t, k, dtype, layout, sms):
     """``sms=1``: the grid of a one-SM device (two blocks), so that each persistent block walks
     several row tiles of its column tile (the ring runs across tile boundaries)."""
-    cupy = hopper
     xs, ws, kw = PROBLEMS[k]
     bias = k % 2 == 0
     p = ConvParams.from_args(xs, ws, (ws[1] * kw.get("groups", 1),) if bias else None, **kw)
@@ -51,35 +50,7 @@ def test_patch_tile_matches_oracle(hopper, t, k, dtype, layout, sms):
     x = rng.standard_normal(xs) + 0.25
     w = rng.standard_normal(ws) / np.sqrt(ws[0])
     b = rng.standard_normal(p.C_out) if bias else None
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        cast = ml_dtypes.bfloat16
-    else:
-        cast = np.float16
-    xq, wq = x.astype(cast), w.astype(cast)
-    bq = b.astype(cast) if bias else None
-    ref = conv_transpose3d_oracle(
-        xq.astype(np.float64), wq.astype(np.float64),
-        None if bq is None else bq.astype(np.float64), **kw,
-    )  # fmt: skip
-    view = cupy.float16 if dtype == "float16" else cupy.uint16
-
-    def dev(a):
-        return None if a is None else cupy.asarray(a.view(np.uint16)).view(view)
-
-    xd, wd, bd = dev(xq), dev(wq), dev(bq)
-    shape = p.out_shape5
-    if layout == "NDHWC":
-        xd = cupy.ascontiguousarray(cupy.moveaxis(xd, 1, -1))
-        shape = (shape[0], *shape[2:], shape[1])
-    out = cupy.full(shape, 0x7FFF, cupy.uint16).view(view)  # NaN in float16 and in bfloat16
-    plan.launch(xd, wd, bd, out, layout == "NDHWC")
-    got = cupy.asnumpy(out.view(cupy.uint16)).view(cast).astype(np.float64)
-    if layout == "NDHWC":
-        got = np.moveaxis(got, -1, 1)
-    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} elements unwritten"
-    assert rel_err(got, ref) <= TOL[dtype], (t.name(), rel_err(got, ref))
+    check_16bit_plan(hopper, plan, x, w, b, kw, dtype, layout, t.name())
 
 
 def test_patch_layouts_agree_bitwise(hopper):

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from oracle import TOL, conv_transpose3d_oracle, rel_err
+from plan_check import check_16bit_plan
 
 from cupyconvt._params import ConvParams
 from cupyconvt._tc import WG_TILES, TcPlan
@@ -66,25 +66,4 @@ def _check(cupy, p, kw, t, i, dtype, layout, channel_tiles=1):
     x = rng.standard_normal(p.x_shape5) + 0.25
     w = rng.standard_normal((p.C_in, p.C_out_g, *p.kernel)) / np.sqrt(p.C_in * 18)
     b = rng.standard_normal(p.C_out)
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        cast = ml_dtypes.bfloat16
-    else:
-        cast = np.float16
-    xq, wq, bq = (a.astype(cast) for a in (x, w, b))
-    ref = conv_transpose3d_oracle(*(a.astype(np.float64) for a in (xq, wq, bq)), **kw)
-    xd, wd, bd = (cupy.asarray(a.view(np.uint16)).view(cupy.float16 if dtype == "float16"
-                  else cupy.uint16) for a in (xq, wq, bq))  # fmt: skip
-    shape = p.out_shape5
-    if layout == "NDHWC":
-        xd = cupy.ascontiguousarray(cupy.moveaxis(xd, 1, -1))
-        shape = (shape[0], *shape[2:], shape[1])
-    out = cupy.full(shape, 0x7FFF, cupy.uint16)  # NaN in float16 and in bfloat16
-    out = out.view(cupy.float16) if dtype == "float16" else out
-    plan.launch(xd, wd, bd, out, layout == "NDHWC")
-    got = cupy.asnumpy(out).view(cast).astype(np.float64)
-    if layout == "NDHWC":
-        got = np.moveaxis(got, -1, 1)
-    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} elements unwritten"
-    assert rel_err(got, ref) <= TOL[dtype], (t.name(), rel_err(got, ref))
+    check_16bit_plan(cupy, plan, x, w, b, kw, dtype, layout, t.name())

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from ._compile import KernelModule, get_function
+from ._compile import KernelModule, get_launcher
 from ._dtypes import dtype_name
+from ._launch import ptr
 from ._params import ConvParams
 from ._plans import CPP_TYPE, DeviceArray, acc_dtype, geometry, on_device
 from ._precision import resolve as resolve_precision
@@ -332,24 +333,25 @@ class GradInputPlan:
         import cupy
 
         def make() -> tuple:
-            fns = [get_function(m, name, self.shared_mem) for m, name in self.kernels()]
-            return fns, self.geom.get(), self.taps.get()
+            fns = [get_launcher(m, name, self.shared_mem) for m, name in self.kernels()]
+            return fns, ptr(self.geom.get()), ptr(self.taps.get())
 
         fns, geom, taps = on_device(self._per_device, make)
         if self.path == "narrow":
             ci_chunks = self.grid[1] // self.p.groups
-            fns[0](self.grid, (THREADS, 1, 1), (gy, w, gx, geom, np.int32(ci_chunks)),
-                   shared_mem=self.shared_mem)  # fmt: skip
+            args = (gy.data.ptr, w.data.ptr, gx.data.ptr, geom, ci_chunks)
+            fns[0](self.grid, (THREADS, 1, 1), args, self.shared_mem)
             return
         co_pad, ci_pad = self.pads
         n_taps = self.p.kernel[0] * self.p.kernel[1] * self.p.kernel[2]
         wp = cupy.empty(self.p.groups * n_taps * co_pad * ci_pad, dtype=acc_dtype(self.dtype))
-        pads = (np.int32(co_pad), np.int32(ci_pad))
-        order = np.int32(self.tap_inner)
-        bk = np.int32(self.tile.BK)  # type: ignore[union-attr]
-        fns[0](self.pack_grid, (THREADS, 1, 1), (w, wp, geom, *pads, bk, order))
+        order = int(self.tap_inner)
+        bk = self.tile.BK  # type: ignore[union-attr]
+        fns[0](self.pack_grid, (THREADS, 1, 1),
+               (w.data.ptr, wp.data.ptr, geom, co_pad, ci_pad, bk, order))  # fmt: skip
         threads = self.tile.threads()  # type: ignore[union-attr]
-        fns[1](self.grid, (threads, 1, 1), (gy, wp, gx, taps, geom, np.int32(n_taps), *pads, order))
+        args = (gy.data.ptr, wp.data.ptr, gx.data.ptr, taps, geom, n_taps, co_pad, ci_pad, order)
+        fns[1](self.grid, (threads, 1, 1), args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,17 +470,17 @@ class GradWeightPlan:
         import cupy
 
         def make() -> tuple:
-            fns = [get_function(m, name) for m, name in self.kernels()]
-            return fns, self.geom.get(), self.taps.get()
+            fns = [get_launcher(m, name) for m, name in self.kernels()]
+            return fns, ptr(self.geom.get()), ptr(self.taps.get())
 
         (gemm, reduce), geom, taps = on_device(self._per_device, make)
         count = gw.size
         ws = gw if self.direct() else cupy.empty(self.splits * count, dtype=acc_dtype(self.dtype))
-        gemm(self.grid, (self.tile.threads(), 1, 1), (x, gy, ws, taps, geom, np.int32(self.splits)))
+        gemm(self.grid, (self.tile.threads(), 1, 1),
+             (x.data.ptr, gy.data.ptr, ws.data.ptr, taps, geom, self.splits))  # fmt: skip
         if not self.direct():
-            reduce(
-                self.reduce_grid, (THREADS, 1, 1), (ws, gw, np.int64(count), np.int32(self.splits))
-            )
+            args = (ws.data.ptr, gw.data.ptr, count, self.splits)
+            reduce(self.reduce_grid, (THREADS, 1, 1), args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,14 +514,14 @@ class GradBiasPlan:
         import cupy
 
         def make() -> tuple:
-            return [get_function(m, name) for m, name in self.kernels()], self.geom.get()
+            fns = [get_launcher(m, name) for m, name in self.kernels()]
+            return fns, ptr(self.geom.get())
 
         (partial, final), geom = on_device(self._per_device, make)
         part = cupy.empty(self.p.C_out * self.parts, dtype=acc_dtype(self.dtype))
-        partial(
-            (self.p.C_out, self.parts, 1), (THREADS, 1, 1), (gy, part, geom, np.int64(self.span))
-        )
-        final((self.p.C_out, 1, 1), (THREADS, 1, 1), (part, gb, np.int32(self.parts)))
+        partial((self.p.C_out, self.parts, 1), (THREADS, 1, 1),
+                (gy.data.ptr, part.data.ptr, geom, self.span))  # fmt: skip
+        final((self.p.C_out, 1, 1), (THREADS, 1, 1), (part.data.ptr, gb.data.ptr, self.parts))
 
 
 # --------------------------------------------------------------------------------------------

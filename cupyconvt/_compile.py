@@ -68,6 +68,7 @@ _lock = threading.Lock()
 _modules: dict[tuple[KernelModule, int], Any] = {}
 _functions: dict[tuple[KernelModule, str, int], Any] = {}
 _smem_limit: dict[tuple[KernelModule, str, int], int] = {}
+_launchers: dict[int, Any] = {}
 
 
 def get_function(module: KernelModule, name_expression: str, dynamic_smem: int = 0) -> Any:
@@ -102,3 +103,17 @@ def get_function(module: KernelModule, name_expression: str, dynamic_smem: int =
             fn.max_dynamic_shared_size_bytes = dynamic_smem
             _smem_limit[fkey] = dynamic_smem
     return fn
+
+
+def get_launcher(module: KernelModule, name_expression: str, dynamic_smem: int = 0) -> Any:
+    """A :class:`cupyconvt._launch.Launcher` for :func:`get_function`'s kernel on the current
+    device, its parameters typed by ``cupyconvt._launch.SIGNATURES`` (one launcher per device
+    and function; the function, and so the key's ``id``, lives as long as the process)."""
+    fn = get_function(module, name_expression, dynamic_smem)
+    launcher = _launchers.get(id(fn))
+    if launcher is None:
+        from ._launch import Launcher, signature
+
+        with _lock:
+            launcher = _launchers.setdefault(id(fn), Launcher(fn, signature(name_expression)))
+    return launcher

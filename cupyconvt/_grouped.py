@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ._compile import KernelModule, get_function
+from ._compile import KernelModule, get_launcher
+from ._launch import ptr
 from ._params import ConvParams
 from ._plans import (
     CPP_TYPE,
@@ -281,8 +282,9 @@ class GroupedPlan:
     def launch(self, x: Any, w: Any, bias: Any, out: Any) -> None:
         def make() -> tuple:
             ((module, name),) = self.kernels()
-            fn = get_function(module, name, self.shared_mem)
-            return fn, self.table.get(), self.geom.get()
+            fn = get_launcher(module, name, self.shared_mem)
+            return fn, ptr(self.table.get()), ptr(self.geom.get())
 
         fn, table, geom = on_device(self._per_device, make)
-        fn(self.grid, self.block, (x, w, bias, out, table, geom), shared_mem=self.shared_mem)
+        args = (x.data.ptr, w.data.ptr, ptr(bias), out.data.ptr, table, geom)
+        fn(self.grid, self.block, args, self.shared_mem)

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ._compile import KernelModule, get_function
+from ._compile import KernelModule, get_launcher
+from ._launch import ptr
 from ._params import ConvParams
 from ._plans import (
     CPP_TYPE,
@@ -224,7 +225,7 @@ class IgemmPlan:
 
         (module_, pack_name), (_, gemm_name), (_, fill_name) = self.kernels()
         module = module or module_
-        geom = self.geom.get()
+        geom = ptr(self.geom.get())
         gemm = not (self.phases == 0 or self.grid[0] == 0 or self.grid[2] == 0)
         # The workspace first: if it cannot be allocated, nothing has been launched and `out`
         # is untouched.
@@ -232,19 +233,19 @@ class IgemmPlan:
             shape = self.p.groups * self.phases * self.max_taps * self.ci_pad * self.co_pad
             wp = cupy.empty(shape, dtype=acc_dtype(self.dtype))
         if self.fill_grid is not None:
-            get_function(module, fill_name)(
-                self.fill_grid, (FILL_THREADS, 1, 1), (bias, out, self.tapless.get(), geom)
-            )
+            get_launcher(module, fill_name)(
+                self.fill_grid, (FILL_THREADS, 1, 1),
+                (ptr(bias), out.data.ptr, ptr(self.tapless.get()), geom),
+            )  # fmt: skip
         if not gemm:
             return
-        table = self.table.get()
-        extents = (np.int32(self.phases), np.int32(self.max_taps), np.int32(self.ci_pad),
-                   np.int32(self.co_pad))  # fmt: skip
-        get_function(module, pack_name)(
-            self.pack_grid, (PACK_THREADS, 1, 1), (w, wp, table, geom, *extents)
+        table = ptr(self.table.get())
+        extents = (self.phases, self.max_taps, self.ci_pad, self.co_pad)
+        get_launcher(module, pack_name)(
+            self.pack_grid, (PACK_THREADS, 1, 1), (w.data.ptr, wp.data.ptr, table, geom, *extents)
         )
-        get_function(module, gemm_name)(
+        get_launcher(module, gemm_name)(
             self.grid,
             (self.tile.threads(), 1, 1),
-            (x, wp, bias, out, table, geom, *extents),
+            (x.data.ptr, wp.data.ptr, ptr(bias), out.data.ptr, table, geom, *extents),
         )

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ._compile import KernelModule, get_function
+from ._compile import KernelModule, get_launcher
 from ._igemm import MAX_EXTENT
+from ._launch import ptr
 from ._params import ConvParams
 from ._plans import CPP_TYPE, DeviceArray, geometry, on_device
 from ._tc import WG_CC, WG_OPTIONS, channels_last_input, layout_module
@@ -173,8 +174,8 @@ class PatchPlan:
         def make() -> tuple:
             m = patch_module(self.dtype, self.tile)
             gemm_cf, gemm_cl = m.name_expressions
-            return (get_function(m, gemm_cf, self.smem), get_function(m, gemm_cl, self.smem),
-                    self.geom.get())  # fmt: skip
+            return (get_launcher(m, gemm_cf, self.smem),
+                    get_launcher(m, gemm_cl, self.smem), ptr(self.geom.get()))  # fmt: skip
 
         gemm_cf, gemm_cl, geom = on_device(self._per_device, make)
         xt = channels_last_input(x, p, channels_last, self.storage)
@@ -182,7 +183,7 @@ class PatchPlan:
         # Element pairs (two adjacent columns) are adjacent in memory and 4-byte aligned when
         # kW (NCDHW: taps fastest) or C_out_g (NDHWC: channels fastest) is even.
         even = p.C_out_g % 2 == 0 if channels_last else p.kernel[2] % 2 == 0
-        pairs = np.int32(even and out.data.ptr % 4 == 0)
-        n_tiles = np.int32(self.n_pad // self.tile.BN)
-        gemm(self.grid, (256, 1, 1), (xt, w, bias, out, geom, np.int32(self.ci_pad), n_tiles,
-             np.int32(self.row_tiles), pairs), shared_mem=self.smem)  # fmt: skip
+        pairs = int(even and out.data.ptr % 4 == 0)
+        args = (xt.data.ptr, w.data.ptr, ptr(bias), out.data.ptr, geom, self.ci_pad,
+                self.n_pad // self.tile.BN, self.row_tiles, pairs)  # fmt: skip
+        gemm(self.grid, (256, 1, 1), args, self.smem)

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ._compile import KernelModule, get_function
+from ._compile import KernelModule, get_launcher
+from ._launch import ptr
 from ._params import ConvParams
 
 #: C++ storage type of each supported dtype (kernels/common.cuh).
@@ -181,7 +182,7 @@ class DirectPlan:
     def launch(self, x: Any, w: Any, bias: Any, out: Any) -> None:
         def make() -> tuple:
             ((module, name),) = self.kernels()
-            return get_function(module, name), self.geom.get()
+            return get_launcher(module, name), ptr(self.geom.get())
 
         fn, geom = on_device(self._per_device, make)
-        fn(self.grid, self.block, (x, w, bias, out, geom))
+        fn(self.grid, self.block, (x.data.ptr, w.data.ptr, ptr(bias), out.data.ptr, geom))

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compile import KernelModule, get_function
+from ._compile import KernelModule, get_launcher
 from ._tc import _BITS  # the unsigned type of each itemsize, as for the layout transposes
 
 THREADS = 256
@@ -71,10 +71,9 @@ def gather(
     if planes * lens[1] * lens[2] == 0:
         return slab
     dev_table = cupy.asarray(np.array(table, dtype=np.int64))  # asynchronous, through pinned memory
-    fn = get_function(slab_module(), f"gather_slab<{_BITS[itemsize]}>")
+    fn = get_launcher(slab_module(), f"gather_slab<{_BITS[itemsize]}>")
     grid = (min(planes, _MAX_BLOCKS), 1, 1)  # a block a plane (n, c, d)
-    args = (slab, dev_table, *(np.int64(v) for v in (n, c, *lens)),
-            *(np.int32(len(p)) for p in pieces))  # fmt: skip
+    args = (slab.data.ptr, dev_table.data.ptr, n, c, *lens, *(len(p) for p in pieces))
     fn(grid, (THREADS, 1, 1), args)
     # dev_table goes back to CuPy's pool when it is dropped here; the pool hands it out again
     # only to work later on this stream, which runs after the kernel.

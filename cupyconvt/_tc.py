@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ._compile import BASE_OPTIONS, KernelModule, get_function
+from ._compile import BASE_OPTIONS, KernelModule, get_launcher
 from ._igemm import MAX_GRID_X, fits_int32, phase_voxels
+from ._launch import ptr
 from ._params import ConvParams
 from ._plans import CPP_TYPE, PHASE_HDR, DeviceArray, geometry, on_device, phase_table
 
@@ -182,10 +183,9 @@ def transpose(src: Any, dst: Any, batch: int, rows: int, cols: int) -> None:
     current device and stream."""
     if batch * rows * cols == 0:
         return
-    m = layout_module()
-    fn = get_function(m, f"batched_transpose<{_BITS[src.dtype.itemsize]}>")
+    fn = get_launcher(layout_module(), f"batched_transpose<{_BITS[src.dtype.itemsize]}>")
     grid = (-(-cols // 64), min(-(-rows // 64), 65535), min(batch, 65535))
-    fn(grid, (TRANSPOSE_THREADS, 1, 1), (src, dst, np.int64(batch), np.int64(rows), np.int64(cols)))
+    fn(grid, (TRANSPOSE_THREADS, 1, 1), (src.data.ptr, dst.data.ptr, batch, rows, cols))
 
 
 def channels_last_input(x: Any, p: ConvParams, channels_last: bool, storage: np.dtype) -> Any:
@@ -496,19 +496,18 @@ class TcPlan:
         def make() -> tuple:
             m = tc_module(self.dtype, self.mode, self.tile)
             pack, ncdhw, ndhwc = m.name_expressions
-            fns = (get_function(m, pack), get_function(m, ncdhw, self.smem),
-                   get_function(m, ndhwc, self.smem))  # fmt: skip
-            box = None if self.box_table is None else self.box_table.get()
-            return fns, self.table.get(), self.geom.get(), box
+            fns = (get_launcher(m, pack), get_launcher(m, ncdhw, self.smem),
+                   get_launcher(m, ndhwc, self.smem))  # fmt: skip
+            box = 0 if self.box_table is None else ptr(self.box_table.get())
+            return fns, ptr(self.table.get()), ptr(self.geom.get()), box
 
         (pack, gemm_ncdhw, gemm_ndhwc), table, geom, box = on_device(self._per_device, make)
         xt = channels_last_input(x, p, channels_last, self.storage)
         wp = cupy.empty(
             p.groups * self.phases * self.max_taps * self.ci_pad * self.co_pad, dtype=self.storage
         )
-        extents = (np.int32(self.phases), np.int32(self.max_taps), np.int32(self.ci_pad),
-                   np.int32(self.co_pad))  # fmt: skip
-        pack(self.pack_grid, (PACK_THREADS, 1, 1), (w, wp, table, geom, *extents))
+        extents = (self.phases, self.max_taps, self.ci_pad, self.co_pad)
+        pack(self.pack_grid, (PACK_THREADS, 1, 1), (w.data.ptr, wp.data.ptr, table, geom, *extents))
         # NCDHW results go straight to `out`, except where most phases have no tap: their blocks
         # only write bias, every s-th voxel, filling 32-byte sectors partly (kb77 float16: 1.74
         # ms against 0.92 ms through a channels-last workspace and a transpose, H100). Where
@@ -520,8 +519,8 @@ class TcPlan:
         gemm(
             self.grid,
             (self.tile.threads(), 1, 1),
-            (xt, wp, bias, target, table, geom, *extents, box),
-            shared_mem=self.smem,
+            (xt.data.ptr, wp.data.ptr, ptr(bias), target.data.ptr, table, geom, *extents, box),
+            self.smem,
         )
         if not direct:
             out_spatial = p.out_size[0] * p.out_size[1] * p.out_size[2]

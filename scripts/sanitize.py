@@ -309,29 +309,31 @@ class _Recorded:
 
 
 def _record_launches() -> list[sp.Kernel]:
-    """Make every cupyconvt module's get_function hand out recording functions; returns the log
+    """Make every cupyconvt module's get_launcher hand out recording launchers; returns the log
     they append to."""
     import cupyconvt._backward_gpu
     import cupyconvt._gpu
     import cupyconvt._grouped
     import cupyconvt._igemm
+    import cupyconvt._patch
     import cupyconvt._plans
+    import cupyconvt._slab
     import cupyconvt._tc  # noqa: F401  (every module that launches, imported before the swap)
     from cupyconvt import _compile
 
     log: list[sp.Kernel] = []
-    original = _compile.get_function
+    original = _compile.get_launcher
 
-    def get_function(module: Any, name: str, dynamic_smem: int = 0) -> Any:
+    def get_launcher(module: Any, name: str, dynamic_smem: int = 0) -> Any:
         return _Recorded(original(module, name, dynamic_smem), (module, name), log)
 
     swapped = 0
     for mod_name, mod in list(sys.modules.items()):
-        if mod_name.startswith("cupyconvt.") and getattr(mod, "get_function", None) is original:
+        if mod_name.startswith("cupyconvt.") and getattr(mod, "get_launcher", None) is original:
             if mod is not _compile:
-                mod.get_function = get_function  # type: ignore[attr-defined]
+                mod.get_launcher = get_launcher  # type: ignore[attr-defined]
                 swapped += 1
-    assert swapped, "no cupyconvt module imports get_function"
+    assert swapped, "no cupyconvt module imports get_launcher"
     return log
 
 

@@ -332,11 +332,11 @@ def test_summary_line(tmp_path, capsys):
 
 def test_the_worker_hooks_exist():
     """The worker hands its plans to the runtime through these lookups and records launches by
-    wrapping get_function where the launching modules imported it."""
-    from cupyconvt import _compile, _gpu, _grouped, _igemm, _plans, _tc
+    wrapping get_launcher where the launching modules imported it."""
+    from cupyconvt import _compile, _gpu, _grouped, _igemm, _patch, _plans, _slab, _tc
 
     assert _gpu.select is sp.select
     assert bwd.input_plan is sp.input_plan and bwd.weight_plan is sp.weight_plan
     assert bwd.bias_plan is sp.bias_plan
-    for mod in (_plans, _tc, _igemm, _grouped, bwd):
-        assert mod.get_function is _compile.get_function, mod.__name__
+    for mod in (_plans, _tc, _igemm, _grouped, _patch, _slab, bwd):
+        assert mod.get_launcher is _compile.get_launcher, mod.__name__

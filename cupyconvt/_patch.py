@@ -36,11 +36,12 @@ class PatchTile:
     def BM(self) -> int:
         return 128 * self.MW
 
-    def template(self, dtype: str, channels_last_out: bool) -> str:
-        flag = "true" if channels_last_out else "false"
+    def template(self, dtype: str, channels_last_out: bool, channels_first_in: bool) -> str:
+        """``channels_first_in``: x read as NCDHW (the result NCDHW too); else channels-last."""
+        flags = ", ".join("true" if f else "false" for f in (channels_last_out, channels_first_in))
         return (
             f"wg_patch_gemm<{CPP_TYPE[dtype]}, {self.BN}, {self.BK}, {self.MW}, {self.STAGES}, "
-            f"{self.MINB}, {flag}>"
+            f"{self.MINB}, {flags}>"
         )
 
     def smem_bytes(self, ci_pad: int) -> int:
@@ -91,11 +92,16 @@ def pick_patch_tile(p: ConvParams) -> PatchTile | None:
     return None
 
 
+#: (channels-last result, channels-first x) of the kernels each tile's module holds: NCDHW from
+#: a channels-last x (transposed by the host), NDHWC, NCDHW read as it is.
+PATCH_VARIANTS = ((False, False), (True, False), (False, True))
+
+
 @cache
 def patch_module(dtype: str, tile: PatchTile) -> KernelModule:
-    """Both output layouts of one tile (the kernels read w as given: no weight pack)."""
-    return KernelModule("patch.cu", (tile.template(dtype, False), tile.template(dtype, True)),
-                        WG_OPTIONS)  # fmt: skip
+    """One tile's kernels, PATCH_VARIANTS in order (all read w as given: no weight pack)."""
+    names = tuple(tile.template(dtype, *v) for v in PATCH_VARIANTS)
+    return KernelModule("patch.cu", names, WG_OPTIONS)
 
 
 def all_patch_modules() -> list[KernelModule]:
@@ -157,6 +163,12 @@ class PatchPlan:
         return cls(p, dtype, tile, ci_pad, n_pad, row_tiles, grid, smem, geometry(p))
 
     @property
+    def reads_ncdhw(self) -> bool:
+        """An NCDHW x is read as it is (no transpose) where each channel's voxels are whole
+        16-byte groups: D*H*W a multiple of 8 (and x 16-byte aligned, checked at launch)."""
+        return (self.p.in_size[0] * self.p.in_size[1] * self.p.in_size[2]) % 8 == 0
+
+    @property
     def storage(self) -> np.dtype:
         return np.dtype(np.uint16)  # 16-bit types move as bits
 
@@ -165,21 +177,24 @@ class PatchPlan:
         return [(m, n) for n in m.name_expressions] + [(layout_module(), "batched_transpose<u16>")]
 
     def launch(self, x: Any, w: Any, bias: Any, out: Any, channels_last: bool = False) -> None:
-        """``channels_last``: x is NDHWC and out is written NDHWC; else both are NCDHW (x is then
-        transposed into a channels-last workspace first; the result is written in place)."""
+        """``channels_last``: x is NDHWC and out is written NDHWC; else both are NCDHW (x is read
+        as it is where :attr:`reads_ncdhw`, else transposed into a channels-last workspace first;
+        the result is written in place)."""
         p = self.p
         if self.grid[0] == 0:
             return
 
         def make() -> tuple:
             m = patch_module(self.dtype, self.tile)
-            gemm_cf, gemm_cl = m.name_expressions
-            return (get_launcher(m, gemm_cf, self.smem),
-                    get_launcher(m, gemm_cl, self.smem), ptr(self.geom.get()))  # fmt: skip
+            fns = tuple(get_launcher(m, name, self.smem) for name in m.name_expressions)
+            return fns, ptr(self.geom.get())
 
-        gemm_cf, gemm_cl, geom = on_device(self._per_device, make)
-        xt = channels_last_input(x, p, channels_last, self.storage)
-        gemm = gemm_cl if channels_last else gemm_cf
+        (gemm_cf, gemm_cl, gemm_cf_in), geom = on_device(self._per_device, make)
+        if not channels_last and self.reads_ncdhw and x.data.ptr % 16 == 0:
+            xt, gemm = x, gemm_cf_in
+        else:
+            xt = channels_last_input(x, p, channels_last, self.storage)
+            gemm = gemm_cl if channels_last else gemm_cf
         # Element pairs (two adjacent columns) are adjacent in memory and 4-byte aligned when
         # kW (NCDHW: taps fastest) or C_out_g (NDHWC: channels fastest) is even.
         even = p.C_out_g % 2 == 0 if channels_last else p.kernel[2] % 2 == 0

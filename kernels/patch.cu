@@ -11,6 +11,12 @@
 // (wgmma.cu runs the same problem as P phases of one tap each, staging each input tile P times
 // and storing every other element of a row; here one block covers several phases.)
 //
+// A channels-first x is read as it is where its rows are 16-byte aligned runs of voxels (CF_IN:
+// D*H*W a multiple of 8 and x 16-byte aligned; the host checks): each copy takes 8 consecutive
+// voxels of one channel, into wgmma's M-major ("transposed") no-swizzle layout, [K/8][rows/8][8
+// channels][8 voxels] (LBO = K step = BM*16 bytes, SBO = M step = 128 bytes), read by mma<1>.
+// Otherwise the host transposes x to channels-last first.
+//
 // The GEMM is short (K = C_in_g) and its output large, so it is memory-bound: a block is
 // persistent and keeps its BN columns' weights (BN x ci_pad), gathered from w itself (no
 // packing pass, no workspace), in shared memory for good. Block b
@@ -54,10 +60,10 @@ __device__ __forceinline__ void patch_column(int n, int C_out_g, int P, int& co,
 
 }  // namespace cct
 
-// x: channels-last (N, D, H, W, C_in); w as given (C_in, C_out_g, kD, kH, kW); out NDHWC where
-// CL_OUT, else NCDHW. n_tiles: column tiles per group (ceil(P*C_out_g / BN)); row_tiles:
-// ceil(M / BM).
-template <typename T, int BN, int BK, int MW, int STAGES, int MINB, bool CL_OUT>
+// x: channels-last (N, D, H, W, C_in), or NCDHW where CF_IN; w as given (C_in, C_out_g, kD, kH,
+// kW); out NDHWC where CL_OUT, else NCDHW. n_tiles: column tiles per group (ceil(P*C_out_g /
+// BN)); row_tiles: ceil(M / BM).
+template <typename T, int BN, int BK, int MW, int STAGES, int MINB, bool CL_OUT, bool CF_IN>
 __global__ void __launch_bounds__(256, MINB)
 wg_patch_gemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
               T* __restrict__ out, const cct::ConvGeom* __restrict__ geom, const int ci_pad,
@@ -68,6 +74,10 @@ wg_patch_gemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restr
     constexpr int NR = BN / 2;  // accumulators per m64 tile per thread
     static_assert(sizeof(T) == 2 && BK % 16 == 0 && BN % 16 == 0 && STAGES >= 3, "patch tile");
     static_assert(NT % (8 * KV) == 0 && BM % (NT / KV) == 0, "whole A copies a thread");
+    static_assert(!(CF_IN && CL_OUT), "a channels-first x gives a channels-first result");
+    constexpr int MG = BM / 8;            // CF_IN: 8-voxel groups of a row tile
+    constexpr int KB_STEP = NT / (8 * MG);  // CF_IN: 8-channel groups the block covers per copy
+    static_assert(!CF_IN || (NT % (8 * MG) == 0 && (BK / 8) % KB_STEP == 0), "CF_IN copies");
 
     extern __shared__ __align__(128) unsigned char smem_raw[];
     __shared__ i64 col_off[BN];  // output offset of column nl from its row's, -1: no column
@@ -117,9 +127,30 @@ wg_patch_gemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restr
     const T* const xg = x + static_cast<i64>(grp) * C_in_g + v * VEC;
     const i64 a_step = static_cast<i64>(RB_STEP) * 8 * C_in;
     const int dst0 = ((rb0 * KV + v) * 8 + r8) * VEC, dst_step = RB_STEP * KV * 64;
+    // CF_IN copies: thread tid takes channel rows ch8 + 8*(kb0 + i*KB_STEP) of voxel group mg;
+    // 8 consecutive threads fill one core matrix (8 channels x 16 bytes).
+    const int ch8 = tid & 7, mg = (tid >> 3) % MG, kb0 = tid / (8 * MG);
+    const i64 DHW = D * H * W;
+    const T* const xc = x + (static_cast<i64>(grp) * C_in_g + kb0 * 8 + ch8) * DHW;
+    const int cf_dst0 = (kb0 * MG + mg) * 64 + ch8 * 8;
     // A chunk of unit u (channels c*BK.. of row tile rt0 + (u / chunks)*rstep) into its slot.
     auto issue = [&](int u) {
         const int it = u / chunks, c = u - it * chunks;
+        if constexpr (CF_IN) {
+            const i64 m = (rt0 + static_cast<i64>(it) * rstep) * BM + mg * 8;
+            const bool m_ok = m < M;
+            const i64 n = m_ok ? m / DHW : 0;
+            const T* const src = xc + (n * C_in + c * BK) * DHW + (m - n * DHW);
+            T* const as = As + (u % STAGES) * A_STAGE + cf_dst0;
+#pragma unroll
+            for (int i = 0; i < BK / (8 * KB_STEP); ++i) {
+                const int k = c * BK + (kb0 + i * KB_STEP) * 8 + ch8;
+                const bool ok = m_ok && k < C_in_g;
+                cct::cp_async16_or_zero(as + i * KB_STEP * BM * 8,
+                                        ok ? src + static_cast<i64>(i) * KB_STEP * 8 * DHW : x, ok);
+            }
+            return;
+        }
         const i64 m_first = (rt0 + static_cast<i64>(it) * rstep) * BM + rb0 * 8 + r8;
         const int k = c * BK + v * VEC;
         const T* const src = xg + m_first * C_in + c * BK;
@@ -186,9 +217,15 @@ wg_patch_gemm(const T* __restrict__ x, const T* __restrict__ w, const T* __restr
                                         static_cast<u32>(KB) * 128);
 #pragma unroll
             for (int i = 0; i < MW; ++i) {
-                const u32 a = a_base + static_cast<u32>(slot * A_STAGE * 2 +
-                                                        (wg * MW + i) * 8 * KV * 128 + ks * 256);
-                cct::Wgmma<T, BN>::mma(acc[i], cct::wg_desc(a, 128, KV * 128), db);
+                if constexpr (CF_IN) {  // M-major: 64 rows are 8 core matrices 128 bytes apart
+                    const u32 a = a_base + static_cast<u32>(slot * A_STAGE * 2 +
+                                                            (wg * MW + i) * 1024 + ks * 32 * BM);
+                    cct::Wgmma<T, BN>::template mma<1>(acc[i], cct::wg_desc(a, BM * 16, 128), db);
+                } else {
+                    const u32 a = a_base + static_cast<u32>(
+                                               slot * A_STAGE * 2 + (wg * MW + i) * 8 * KV * 128 + ks * 256);
+                    cct::Wgmma<T, BN>::mma(acc[i], cct::wg_desc(a, 128, KV * 128), db);
+                }
             }
         }
         cct::wg_commit();

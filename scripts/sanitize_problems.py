@@ -209,8 +209,10 @@ def plan_launches(plan: Any, channels_last: bool = False) -> list[Kernel]:
     if isinstance(plan, PatchPlan):
         if plan.grid[0] == 0:
             return []
-        gemm_cf, gemm_cl, transpose = plan.kernels()
-        return [gemm_cl] if channels_last else [transpose, gemm_cf]  # x to channels-last first
+        gemm_cf, gemm_cl, gemm_cf_in, transpose = plan.kernels()
+        if channels_last:
+            return [gemm_cl]
+        return [gemm_cf_in] if plan.reads_ncdhw else [transpose, gemm_cf]  # else x transposed
     if plan.family == "tc":
         if plan.grid[0] == 0:
             return []
@@ -642,7 +644,8 @@ def _tc() -> list[Problem]:
 
 #: Geometries whose kernel equals their stride (kernels/patch.cu): 2 x 2 x 2 patches (kW even:
 #: NCDHW results stored as element pairs) and 1 x 2 x 3 ones (kW odd: element by element), the
-#: kernel-1 axis with a dilation that does not matter.
+#: kernel-1 axis with a dilation that does not matter. An NCDHW x of the first is transposed
+#: (D*H*W = 90), of the second read as it is (120, whole 8-voxel groups).
 PATCH_GEOMETRIES = (
     Geometry("k2s2", (3, 5, 6), (2, 2, 2), 2),
     Geometry("k123s123", (3, 5, 8), (1, 2, 3), (1, 2, 3), dilation=(2, 1, 1)),
@@ -650,15 +653,16 @@ PATCH_GEOMETRIES = (
 
 
 def _patch() -> list[Problem]:
-    """Every patch-GEMM tile in both dtypes and layouts: two row tiles (the last one partial),
+    """Every patch-GEMM tile in both dtypes and layouts, NCDHW with both geometries (x read as
+    it is, and transposed): two row tiles (the last one partial),
     planned for one SM in half the problems so that a block walks both; columns short of the
     tile; C_in_g 24 (a partial K chunk for BK 32 and 64, two for 16); C_out_g odd (NDHWC element
     by element) or even (NDHWC pairs); two groups in some."""
     out = []
     for k, dt in enumerate(("float16", "bfloat16")):
         for i, t in enumerate(PATCH_TILES):
-            for j, layout in enumerate(("NCDHW", "NDHWC")):
-                g = PATCH_GEOMETRIES[(i + j + k) % len(PATCH_GEOMETRIES)]
+            for j, layout in enumerate(("NCDHW", "NDHWC", "NCDHW")):
+                g = PATCH_GEOMETRIES[(i + k + min(j, 1)) % len(PATCH_GEOMETRIES)]
                 groups = 2 if (i + k) % 3 == 0 else 1
                 c_out_g = ((13, 14) if groups == 1 else (7, 8))[(i + j) % 2]
                 n = -(-(t.BM + 22) // (g.in_size[0] * g.in_size[1] * g.in_size[2]))

@@ -40,7 +40,7 @@ SIGNATURES = {
     "igemm_fill_tapless": "pppp",
     "igemm_pack_weights": "ppppiiii",
     "tc_conv_transpose3d": "ppppppiiiip",
-    "tc_pack_weights": "ppppiiii",
+    "tc_prep": "ppppiiiiippqqqii",
     "wg_conv_transpose3d": "ppppppiiiip",
     "wg_patch_gemm": "pppppiiii",
 }

@@ -142,12 +142,12 @@ WG_CC = 90
 
 @cache
 def tc_module(dtype: str, mode: int, tile: TcTile) -> KernelModule:
-    """One module per tile (both output layouts and the weight pack): a first call compiles only
-    the tile it runs."""
+    """One module per tile (the weight pack, which also transposes an NCDHW x, and both output
+    layouts): a first call compiles only the tile it runs."""
     return KernelModule(
         "wgmma.cu" if tile.wg else "tc.cu",
         (
-            f"tc_pack_weights<{CPP_TYPE[dtype]}>",
+            f"tc_prep<{CPP_TYPE[dtype]}>",
             tile.template(dtype, mode, False),
             tile.template(dtype, mode, True),
         ),
@@ -186,6 +186,20 @@ def transpose(src: Any, dst: Any, batch: int, rows: int, cols: int) -> None:
     fn = get_launcher(layout_module(), f"batched_transpose<{_BITS[src.dtype.itemsize]}>")
     grid = (-(-cols // 64), min(-(-rows // 64), 65535), min(batch, 65535))
     fn(grid, (TRANSPOSE_THREADS, 1, 1), (src.data.ptr, dst.data.ptr, batch, rows, cols))
+
+
+def prep_transpose_grid(batch: int, rows: int, cols: int, pack_blocks: int) -> tuple[int, int, int]:
+    """Blocks (along x, rows, batches) of the transpose that ``tc_prep`` runs after its
+    ``pack_blocks`` (kernels/tc_shared.cuh), all in one 1D grid of at most 2^31 - 1 blocks; rows
+    and batches past the grid are looped over. (0, 0, 0) where the column tiles alone do not
+    fit: the caller transposes in a launch of its own."""
+    limit = MAX_GRID_X - pack_blocks
+    tx = -(-cols // 64)
+    if batch * rows * cols == 0 or tx > limit:
+        return (0, 0, 0)
+    ty = min(-(-rows // 64), 65535, limit // tx)
+    tz = min(batch, 65535, limit // (tx * ty))
+    return (tx, ty, tz)
 
 
 def channels_last_input(x: Any, p: ConvParams, channels_last: bool, storage: np.dtype) -> Any:
@@ -486,7 +500,7 @@ class TcPlan:
 
     def launch(self, x: Any, w: Any, bias: Any, out: Any, channels_last: bool = False) -> None:
         """``channels_last``: x is NDHWC and out is written NDHWC; else both are NCDHW (x is then
-        transposed into a channels-last workspace first)."""
+        transposed into a channels-last workspace first, by the weight pack's launch)."""
         import cupy
 
         p = self.p
@@ -495,19 +509,23 @@ class TcPlan:
 
         def make() -> tuple:
             m = tc_module(self.dtype, self.mode, self.tile)
-            pack, ncdhw, ndhwc = m.name_expressions
-            fns = (get_launcher(m, pack), get_launcher(m, ncdhw, self.smem),
+            prep, ncdhw, ndhwc = m.name_expressions
+            fns = (get_launcher(m, prep), get_launcher(m, ncdhw, self.smem),
                    get_launcher(m, ndhwc, self.smem))  # fmt: skip
             box = 0 if self.box_table is None else ptr(self.box_table.get())
             return fns, ptr(self.table.get()), ptr(self.geom.get()), box
 
-        (pack, gemm_ncdhw, gemm_ndhwc), table, geom, box = on_device(self._per_device, make)
-        xt = channels_last_input(x, p, channels_last, self.storage)
-        wp = cupy.empty(
-            p.groups * self.phases * self.max_taps * self.ci_pad * self.co_pad, dtype=self.storage
-        )
-        extents = (self.phases, self.max_taps, self.ci_pad, self.co_pad)
-        pack(self.pack_grid, (PACK_THREADS, 1, 1), (w.data.ptr, wp.data.ptr, table, geom, *extents))
+        (prep, gemm_ncdhw, gemm_ndhwc), table, geom, box = on_device(self._per_device, make)
+        # One workspace, one launch: the packed weights, and (NCDHW) x transposed to
+        # channels-last, 256-byte aligned after them; tc_prep packs and transposes together.
+        spatial = p.in_size[0] * p.in_size[1] * p.in_size[2]
+        pack_blocks = self.pack_grid[0]
+        tgrid = (0, 0, 0)
+        if not channels_last:
+            tgrid = prep_transpose_grid(p.N, p.C_in, spatial, pack_blocks)
+        packed = p.groups * self.phases * self.max_taps * self.ci_pad * self.co_pad
+        wp_elems = -(-packed // 128) * 128
+        ws = cupy.empty(wp_elems + (p.N * spatial * p.C_in if tgrid[0] else 0), self.storage)
         # NCDHW results go straight to `out`, except where most phases have no tap: their blocks
         # only write bias, every s-th voxel, filling 32-byte sectors partly (kb77 float16: 1.74
         # ms against 0.92 ms through a channels-last workspace and a transpose, H100). Where
@@ -515,11 +533,22 @@ class TcPlan:
         # against 2.54 ms, unet_k2s2 0.225 against 0.307 ms).
         direct = channels_last or self.ncdhw_in_place
         target = out if direct else cupy.empty(out.size, dtype=self.storage)
+        wp = ws.data.ptr
+        if tgrid[0]:
+            xt, x_copy = wp + wp_elems * self.storage.itemsize, None
+        else:  # channels-last already, or too many column tiles to share the pack's grid
+            x_copy = channels_last_input(x, p, channels_last, self.storage)
+            xt = x_copy.data.ptr  # x_copy stays referenced until the GEMM is queued
+        extents = (self.phases, self.max_taps, self.ci_pad, self.co_pad)
+        blocks = pack_blocks + tgrid[0] * tgrid[1] * tgrid[2]
+        prep((blocks, 1, 1), (PACK_THREADS, 1, 1),
+             (w.data.ptr, wp, table, geom, *extents, pack_blocks, x.data.ptr, xt, p.N, p.C_in,
+              spatial, tgrid[1], tgrid[2]))  # fmt: skip
         gemm = gemm_ndhwc if channels_last or not direct else gemm_ncdhw
         gemm(
             self.grid,
             (self.tile.threads(), 1, 1),
-            (xt.data.ptr, wp.data.ptr, ptr(bias), target.data.ptr, table, geom, *extents, box),
+            (xt, wp, ptr(bias), target.data.ptr, table, geom, *extents, box),
             self.smem,
         )
         if not direct:

@@ -59,7 +59,16 @@ from cupyconvt._params import ConvParams
 from cupyconvt._patch import PATCH_TILES, PatchPlan, PatchTile
 from cupyconvt._plans import CPP_TYPE
 from cupyconvt._select import DeviceInfo, all_modules, eligible, select
-from cupyconvt._tc import _BITS, MODES, TcPlan, TcTile, layout_module, tc_tiles, wg_tiles
+from cupyconvt._tc import (
+    _BITS,
+    MODES,
+    TcPlan,
+    TcTile,
+    layout_module,
+    prep_transpose_grid,
+    tc_tiles,
+    wg_tiles,
+)
 
 Kernel = tuple[KernelModule, str]
 IntOrTriple = int | tuple[int, int, int]
@@ -216,10 +225,15 @@ def plan_launches(plan: Any, channels_last: bool = False) -> list[Kernel]:
     if plan.family == "tc":
         if plan.grid[0] == 0:
             return []
-        (m, pack), (_, ncdhw), (_, ndhwc), transpose = plan.kernels()
+        (m, prep), (_, ncdhw), (_, ndhwc), transpose = plan.kernels()
         direct = channels_last or plan.ncdhw_in_place
-        out = [] if channels_last else [transpose]  # x to a channels-last workspace
-        out += [(m, pack), (m, ndhwc if channels_last or not direct else ncdhw)]
+        p = plan.p
+        spatial = p.in_size[0] * p.in_size[1] * p.in_size[2]
+        # tc_prep packs the weights and transposes an NCDHW x in one launch, unless the x tiles
+        # do not fit its grid.
+        tgrid = prep_transpose_grid(p.N, p.C_in, spatial, plan.pack_grid[0])
+        out = [] if channels_last or tgrid[0] else [transpose]
+        out += [(m, prep), (m, ndhwc if channels_last or not direct else ncdhw)]
         return out + ([] if direct else [transpose])  # the workspace back to NCDHW
     if plan.family == "igemm":
         pack, gemm, fill = plan.kernels()

@@ -191,3 +191,16 @@ def test_patch_plan_selected_on_hopper(dtype):
     wide = ConvParams.from_args((1, 2048, 4, 4, 4), (2048, 16, 2, 2, 2), stride=2)
     assert not PatchPlan.eligible(wide, dtype, 90)
     assert isinstance(select(wide, dtype, _device(90), "tc"), TcPlan)
+
+
+def test_prep_transpose_grid_shares_one_grid_with_the_pack():
+    from cupyconvt._igemm import MAX_GRID_X
+    from cupyconvt._tc import prep_transpose_grid
+
+    assert prep_transpose_grid(2, 64, 4096, 100) == (64, 1, 2)
+    assert prep_transpose_grid(0, 64, 4096, 100) == (0, 0, 0)
+    tx, ty, tz = prep_transpose_grid(70000, 2**20, 64, 10)  # rows and batches looped over
+    assert (tx, ty, tz) == (1, 16384, 65535) and 10 + tx * ty * tz <= MAX_GRID_X
+    tx, ty, tz = prep_transpose_grid(3, 2**14, 2**30, 1000)  # 2^24 column tiles: rows cut down
+    assert (tx, ty, tz) == (2**24, 127, 1) and 1000 + tx * ty * tz <= MAX_GRID_X
+    assert prep_transpose_grid(1, 1, 2**38, 1) == (0, 0, 0)  # a launch of its own

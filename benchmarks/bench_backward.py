@@ -72,6 +72,9 @@ def describe_plans(p: Any, dtype: str, device_id: int) -> tuple[str, str]:
     pi = bwd.input_plan(p, dtype, None, None, max_smem, bwd.TAP_INNER, sm_count)
     if pi.path == "narrow":
         path_in = f"narrow CI={pi.variant[0]} VX={pi.variant[1]}"
+    elif pi.path == "staged":
+        ci, vh, vw = pi.variant
+        path_in = f"staged CI={ci} {8 * vh}x{32 * vw}"
     else:
         path_in = f"igemm {pi.tile.BM}x{pi.tile.BN}x{pi.tile.BK}"
     pw = bwd.weight_plan(p, dtype)
@@ -92,6 +95,10 @@ def variant_times(x: Any, w: Any, gy: Any, p: Any, dtype: str) -> dict[str, floa
     plans: dict[str, Any] = {}
     if bwd.GradInputPlan.narrow_eligible(p, dtype):
         plans["in narrow"] = bwd.input_plan(p, dtype, "narrow")
+    for v in bwd.STAGED_VARIANTS:
+        fits = bwd.GradInputPlan.staged_eligible(p, dtype, variant=v)
+        if v[0] == bwd.narrow_variant(p)[0] and fits:
+            plans[f"in staged {v}"] = bwd.input_plan(p, dtype, "staged", variant=v)
     for t in bwd.data_tiles(dtype):
         plans[f"in {t.BM}x{t.BN}x{t.BK}"] = bwd.input_plan(p, dtype, "igemm", t)
     times = {

@@ -6,7 +6,8 @@ For ``y = conv_transpose3d(x, w, bias, ...)`` and the gradient ``gy`` of a loss 
 - :func:`grad_input`: ``conv3d(gy, w, stride, padding, dilation, groups)``, the gradient with
   respect to ``x``. An implicit GEMM (``bwd_data_igemm``: M = N*D*H*W input voxels, N = C_in_g,
   K = taps*C_out_g, gy gathered at ``i*stride + k*dilation - padding``) or, for few input channels
-  per group, a direct gather (``bwd_data_narrow``).
+  per group, a direct gather: from boxes of gy staged in shared memory (``bwd_data_staged``) or,
+  where those do not fit, through L1 (``bwd_data_narrow``).
 - :func:`grad_weight`: per group a GEMM ``(C_in_g x voxels) @ (voxels x C_out_g*taps)`` whose
   reduction runs over every input voxel. The voxels are split over blocks (``bwd_weight_igemm``),
   the partial sums go to a float32/float64 workspace, and ``bwd_reduce_splits`` adds them in a
@@ -132,6 +133,28 @@ NARROW_VARIANTS = ((1, 4), (2, 4), (4, 2), (8, 2))
 #: least 16 channels wide) whose weights fit in NARROW_MAX_SMEM.
 NARROW_MAX_CI = 8
 NARROW_MAX_SMEM = 96 * 1024
+#: bwd_data_staged variants, (input channels per thread CI, voxel rows VH and columns VW a thread;
+#: a block's tile is 8*VH x 32*VW voxels of one plane): VH*VW*CI accumulators.
+STAGED_VARIANTS = (
+    (1, 1, 1), (1, 1, 2), (1, 2, 1), (1, 2, 2), (1, 4, 2),
+    (2, 1, 1), (2, 1, 2), (2, 2, 1), (2, 2, 2),
+    (4, 1, 1), (4, 1, 2), (4, 2, 1), (4, 2, 2),
+    (8, 1, 1), (8, 1, 2), (8, 2, 1), (8, 2, 2),
+)  # fmt: skip
+#: bwd_data_staged's weights and staged boxes of gy stay under this many bytes (three blocks an
+#: SM, at least, on an H100).
+STAGED_MAX_SMEM = 72 * 1024
+#: bwd_data_staged's ring of staged boxes: this many deep.
+STAGED_RING = 2
+
+
+def staged_template(dtype: str, variant: tuple[int, int, int], ring: int = STAGED_RING) -> str:
+    """The bwd_data_staged instantiation of ``variant``: registers capped for three blocks an SM
+    at 8 channels a thread (32 accumulators), four below."""
+    ci, vh, vw = variant
+    return f"bwd_data_staged<{CPP_TYPE[dtype]}, {ci}, {vh}, {vw}, {ring}, {3 if ci >= 8 else 4}>"
+
+
 #: The grad_input GEMM's K loop takes every tap of a BK-channel chunk in turn (True), rather than
 #: every channel chunk of a tap (False): neighbouring taps gather neighbouring gy elements.
 TAP_INNER = True
@@ -196,6 +219,7 @@ def backward_module(dtype: str) -> KernelModule:
         f"bwd_bias_partial<{t}>",
         f"bwd_bias_final<{t}>",
         *(f"bwd_data_narrow<{t}, {ci}, {vx}>" for ci, vx in NARROW_VARIANTS),
+        *(staged_template(dtype, v) for v in STAGED_VARIANTS),
         *(tile.template(dtype) for tile in data_tiles(dtype)),
         *(tile.template(dtype) for tile in weight_tiles(dtype)),
     )
@@ -234,6 +258,59 @@ def narrow_smem(p: ConvParams, dtype: str) -> int:
     return p.C_out_g * taps * narrow_variant(p)[0] * acc_dtype(dtype).itemsize
 
 
+def staged_variant(
+    p: ConvParams, dtype: str = "float32", max_smem: int = STAGED_MAX_SMEM
+) -> tuple[int, int, int]:
+    """The (CI, VH, VW) of bwd_data_staged for ``p``: CI as bwd_data_narrow's; of its tiles whose
+    shared memory fits (all of them where none does), the largest among those that cover the
+    plane with the fewest padded voxels (within 5%).
+
+    Measured on an H100 (2026-11-25, float32): trilinear_x2_depthwise (64 x 64 planes) 16 x 64
+    0.252 ms, 32 x 64 0.222; kb72 (24 x 48) 8 x 64 0.343, 16 x 64 0.392; tiny_latency (8 x 8)
+    8 x 32 0.022, 16 x 64 0.027.
+    """
+    ci = narrow_variant(p)[0]
+    _, h, w = p.in_size
+
+    def padded(v: tuple[int, int, int]) -> int:
+        return -(-h // (8 * v[1])) * 8 * v[1] * -(-w // (32 * v[2])) * 32 * v[2]
+
+    mine = [v for v in STAGED_VARIANTS if v[0] == ci]
+    limit = min(max_smem, STAGED_MAX_SMEM)
+    mine = [v for v in mine if staged_smem(p, dtype, v) <= limit] or mine
+    least = min(padded(v) for v in mine)
+    return max((v for v in mine if padded(v) <= 1.05 * least), key=lambda v: (v[1] * v[2], v[1]))
+
+
+def staged_box(p: ConvParams, vh: int, vw: int) -> tuple[int, int]:
+    """(rh, nvec) of bwd_data_staged's staged gy box: the rows that a tile of 8*vh x 32*vw voxels
+    reads, and the pieces of 4 columns that hold its columns from the multiple of 4 at or before
+    the first (so up to 3 more)."""
+    (_, sh, sw), (_, dh, dw), (_, kh, kw) = p.stride, p.dilation, p.kernel
+    rh = sh * (8 * vh - 1) + dh * (kh - 1) + 1
+    rw = sw * (32 * vw - 1) + dw * (kw - 1) + 1
+    return rh, -(-(rw + 3) // 4)
+
+
+def staged_smem(
+    p: ConvParams, dtype: str, variant: tuple[int, int, int], ring: int = STAGED_RING
+) -> int:
+    """Dynamic shared memory of bwd_data_staged: the chunk's weights (rounded up to 4) and a ring
+    of ``ring`` boxes of gy, in the accumulator type. (STAGED_MAX_SMEM keeps a box's pieces,
+    which the kernel numbers through a float division, far under 2^22.)"""
+    ci, vh, vw = variant
+    taps = p.kernel[0] * p.kernel[1] * p.kernel[2]
+    rh, nvec = staged_box(p, vh, vw)
+    n_wt = -(-(p.C_out_g * taps * ci) // 4) * 4
+    return (n_wt + ring * rh * 4 * nvec) * acc_dtype(dtype).itemsize
+
+
+def staged_grid(p: ConvParams, variant: tuple[int, int, int]) -> tuple[int, int, int]:
+    ci, vh, vw = variant
+    h_tiles, w_tiles = -(-p.in_size[1] // (8 * vh)), -(-p.in_size[2] // (32 * vw))
+    return (p.N * p.in_size[0] * h_tiles * w_tiles, p.groups * -(-p.C_in_g // ci), 1)
+
+
 def _tile_efficiency(tm: int, tn: int) -> float:
     """FMAs per shared-memory word read of a TM x TN register tile, relative to 8x8's."""
     return tm * tn / (tm + tn) / 4
@@ -261,14 +338,15 @@ def pick_data_tile(p: ConvParams, dtype: str, sm_count: int = SM_COUNT) -> DataT
 
 @dataclass(frozen=True)
 class GradInputPlan:
-    """grad_input for one problem: ``path`` "igemm" (``tile``) or "narrow" (``variant``)."""
+    """grad_input for one problem: ``path`` "igemm" (``tile``), "staged" or "narrow"
+    (``variant``: (CI, VH, VW) or (CI, VX))."""
 
     p: ConvParams
     dtype: str
     path: str
     grid: tuple[int, int, int]
     tile: DataTile | None = None
-    variant: tuple[int, int] | None = None
+    variant: tuple[int, ...] | None = None
     shared_mem: int = 0
     pack_grid: tuple[int, int, int] = (1, 1, 1)
     pads: tuple[int, int] = (0, 0)  # (co_pad, ci_pad) of the packed weights
@@ -282,6 +360,25 @@ class GradInputPlan:
         groups_y = p.groups * -(-p.C_in_g // narrow_variant(p)[0])
         return narrow_smem(p, dtype) <= min(max_smem, NARROW_MAX_SMEM) and groups_y <= 65535
 
+    @staticmethod
+    def staged_eligible(
+        p: ConvParams,
+        dtype: str,
+        max_smem: int = NARROW_MAX_SMEM,
+        variant: tuple[int, int, int] | None = None,
+    ) -> bool:
+        """Whether bwd_data_staged (``variant``, else the default one) runs ``p``: the weights
+        and ring of gy boxes within STAGED_MAX_SMEM and the grid within CUDA's limits. (Any number
+        of input channels a group runs, CI at a time; the default choice takes the path for at
+        most NARROW_MAX_CI.)"""
+        variant = variant or staged_variant(p, dtype, max_smem)
+        grid = staged_grid(p, variant)
+        return (
+            staged_smem(p, dtype, variant) <= min(max_smem, STAGED_MAX_SMEM)
+            and grid[0] <= MAX_GRID_X
+            and grid[1] <= 65535
+        )
+
     @classmethod
     def build(
         cls,
@@ -292,13 +389,26 @@ class GradInputPlan:
         max_smem: int = NARROW_MAX_SMEM,
         tap_inner: bool = TAP_INNER,
         sm_count: int = SM_COUNT,
+        variant: tuple[int, ...] | None = None,
     ) -> GradInputPlan:
         check_extents(p)
         if path is None:
-            narrow = p.C_in_g <= NARROW_MAX_CI and cls.narrow_eligible(p, dtype, max_smem)
-            path = "narrow" if narrow else "igemm"
+            if p.C_in_g <= NARROW_MAX_CI and cls.staged_eligible(p, dtype, max_smem):
+                path = "staged"
+            elif p.C_in_g <= NARROW_MAX_CI and cls.narrow_eligible(p, dtype, max_smem):
+                path = "narrow"
+            else:
+                path = "igemm"
         voxels = p.N * p.in_size[0] * p.in_size[1] * p.in_size[2]
         geom, taps = geometry(p), DeviceArray(tap_table(p))
+        if path == "staged":
+            tv = tuple(variant) if variant else staged_variant(p, dtype, max_smem)
+            if len(tv) != 3 or tv not in STAGED_VARIANTS:
+                raise ValueError(f"unknown bwd_data_staged variant {variant!r}")
+            if not cls.staged_eligible(p, dtype, max_smem, tv):  # type: ignore[arg-type]
+                raise ValueError(f"the staged grad_input path does not fit {p}")
+            return cls(p, dtype, path, staged_grid(p, tv), variant=tv,  # type: ignore[arg-type]
+                       shared_mem=staged_smem(p, dtype, tv), geom=geom, taps=taps)  # type: ignore[arg-type]  # fmt: skip
         if path == "narrow":
             if not cls.narrow_eligible(p, dtype, max_smem):
                 raise ValueError(f"the narrow grad_input path does not fit {p}")
@@ -327,6 +437,8 @@ class GradInputPlan:
         if self.path == "narrow":
             ci, vx = self.variant  # type: ignore[misc]
             return [(m, f"bwd_data_narrow<{t}, {ci}, {vx}>")]
+        if self.path == "staged":
+            return [(m, staged_template(self.dtype, self.variant))]  # type: ignore[arg-type]
         return [(m, f"bwd_pack_weights<{t}>"), (m, self.tile.template(self.dtype))]  # type: ignore[union-attr]
 
     def launch(self, gy: Any, w: Any, gx: Any) -> None:
@@ -340,6 +452,18 @@ class GradInputPlan:
         if self.path == "narrow":
             ci_chunks = self.grid[1] // self.p.groups
             args = (gy.data.ptr, w.data.ptr, gx.data.ptr, geom, ci_chunks)
+            fns[0](self.grid, (THREADS, 1, 1), args, self.shared_mem)
+            return
+        if self.path == "staged":
+            p = self.p
+            _, vh, vw = self.variant  # type: ignore[misc]
+            h_tiles, w_tiles = -(-p.in_size[1] // (8 * vh)), -(-p.in_size[2] // (32 * vw))
+            rh, nvec = staged_box(p, vh, vw)
+            # 16-byte pieces of gy where its rows allow them
+            align = 16 if self.dtype in ("float32", "float64") else 8
+            vec = p.out_size[2] % 4 == 0 and gy.data.ptr % align == 0
+            args = (gy.data.ptr, w.data.ptr, gx.data.ptr, geom, self.grid[1] // p.groups,
+                    h_tiles, w_tiles, rh, nvec, int(vec))  # fmt: skip
             fns[0](self.grid, (THREADS, 1, 1), args, self.shared_mem)
             return
         co_pad, ci_pad = self.pads
@@ -537,11 +661,12 @@ def input_plan(
     max_smem: int = NARROW_MAX_SMEM,
     tap_inner: bool = TAP_INNER,
     sm_count: int = SM_COUNT,
+    variant: tuple[int, ...] | None = None,
 ) -> GradInputPlan:
     """The cached grad_input plan for a device with ``max_smem`` bytes of shared memory a block
-    and ``sm_count`` SMs; ``path``, ``tile`` and ``tap_inner`` force a choice (tests,
-    benchmarks)."""
-    return GradInputPlan.build(p, dtype, path, tile, max_smem, tap_inner, sm_count)
+    and ``sm_count`` SMs; ``path``, ``tile``, ``tap_inner`` and ``variant`` (bwd_data_staged's)
+    force a choice (tests, benchmarks)."""
+    return GradInputPlan.build(p, dtype, path, tile, max_smem, tap_inner, sm_count, variant)
 
 
 @lru_cache(maxsize=256)

@@ -32,6 +32,7 @@ SIGNATURES = {
     "bwd_bias_partial": "pppq",
     "bwd_data_igemm": "pppppiiii",
     "bwd_data_narrow": "ppppi",
+    "bwd_data_staged": "ppppiiiiii",
     "bwd_pack_weights": "pppiiii",
     "bwd_reduce_splits": "ppqi",
     "bwd_weight_igemm": "pppppi",

@@ -391,6 +391,191 @@ bwd_data_narrow(const T* __restrict__ gy, const T* __restrict__ w, T* __restrict
 }
 
 // ------------------------------------------------------------------------------------------------
+// grad_input for few input channels per group, through shared memory: the gather of
+// bwd_data_narrow, with gy read from global memory in 16-byte pieces into a staged box.
+//
+// Work split: blockIdx.x = (n, d, h tile, w tile), one input plane d of a TH x TW tile of voxels
+// (TH = 8*VH rows, TW = 32*VW columns); blockIdx.y = (group, CI-wide chunk of its input
+// channels). Lane l of warp r owns the voxels (h0 + r + 8u, w0 + l + 32v), u < VH, v < VW, and CI
+// channels: VH*VW*CI accumulators. The chunk's weights, wt[j][t][CI], are staged once.
+//
+// For every output channel j of the group and every kd, the block stages the box of gy plane
+// od = d*sD + kd*dD - pD that the tile's taps read: rows oh0 = h0*sH - pH + [0, rh), and the
+// columns from cs, ow0 = w0*sW - pW rounded down to a multiple of 4, in nvec pieces of 4 (a
+// staged row is 4*nvec accumulators; column ow0 + c of gy sits at e0 + c, e0 = ow0 - cs). The
+// box goes into an NS-deep ring, zero wherever it leaves gy (the plane included). Where `vec`
+// is set (oW a multiple of 4; gy 16-byte aligned, 8 for the 16-bit types), a piece lies wholly
+// inside or wholly outside a row and moves as one or two cp.async (float, double) or one 8-byte
+// load (the 16-bit types, widened to float); else element by element.
+//
+// Each sum runs over j, kd, kh, kw in turn with zeros where a tap leaves gy, as bwd_data_narrow's
+// does: the same fma chain, so both kernels give bitwise the same gx. Every element of gx is
+// written once. Shared memory: C_out_g*taps*CI (rounded up to 4) + NS*rh*4*nvec accumulators.
+// MINB is the blocks an SM asked of ptxas (a register cap).
+template <typename T>
+__device__ __forceinline__ void stage_piece(typename cct::Acc<T>::type* dst, const T* src,
+                                            const int col, const int oW, const bool row_ok,
+                                            const bool vec) {
+    if (vec) {  // col and oW multiples of 4: the piece is wholly inside or outside the row
+        const bool ok = row_ok && static_cast<u32>(col) < static_cast<u32>(oW);
+        if constexpr (sizeof(T) >= 4) {
+            constexpr int PER = 16 / static_cast<int>(sizeof(T));  // elements a copy
+#pragma unroll
+            for (int i = 0; i < 4; i += PER)
+                cct::cp_async16_or_zero(dst + i, src + (ok ? col + i : 0), ok);
+        } else {  // 8 bytes through registers, widened to float
+            const uint2 raw = ok ? *reinterpret_cast<const uint2*>(src + col) : make_uint2(0u, 0u);
+            const T* const t = reinterpret_cast<const T*>(&raw);
+            *reinterpret_cast<float4*>(dst) =
+                make_float4(cct::to_acc(t[0]), cct::to_acc(t[1]), cct::to_acc(t[2]), cct::to_acc(t[3]));
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const bool ok = row_ok && static_cast<u32>(col + i) < static_cast<u32>(oW);
+        cct::GatherX<T>::copy(dst + i, src + (ok ? col + i : 0), ok);
+    }
+}
+
+template <typename T, int CI, int VH, int VW, int NS = 2, int MINB = 1>
+__global__ void __launch_bounds__(256, MINB)
+bwd_data_staged(const T* __restrict__ gy, const T* __restrict__ w, T* __restrict__ gx,
+                const cct::ConvGeom* __restrict__ geom, const int ci_chunks, const int h_tiles,
+                const int w_tiles, const int rh, const int nvec, const int vec) {
+    typedef typename cct::Acc<T>::type Acc;
+    constexpr int TH = 8 * VH, TW = 32 * VW;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const cct::ConvGeom& g = *geom;
+    const int kD = static_cast<int>(g.kD), kH = static_cast<int>(g.kH), kW = static_cast<int>(g.kW);
+    const int taps = kD * kH * kW;
+    const int C_in_g = static_cast<int>(g.C_in_g), C_out_g = static_cast<int>(g.C_out_g);
+    const int n_wt = C_out_g * taps * CI;
+    Acc* const wt = reinterpret_cast<Acc*>(smem_raw);
+    Acc* const box = wt + ((n_wt + 3) & ~3);  // 16-byte aligned
+    const int sD = static_cast<int>(g.sD), sH = static_cast<int>(g.sH), sW = static_cast<int>(g.sW);
+    const int dD = static_cast<int>(g.dD), dH = static_cast<int>(g.dH), dW = static_cast<int>(g.dW);
+    const int pD = static_cast<int>(g.pD), pH = static_cast<int>(g.pH), pW = static_cast<int>(g.pW);
+    const int D = static_cast<int>(g.D), H = static_cast<int>(g.H), W = static_cast<int>(g.W);
+    const int oD = static_cast<int>(g.oD), oH = static_cast<int>(g.oH), oW = static_cast<int>(g.oW);
+    const int pitch = 4 * nvec, plane = rh * pitch;  // a staged row; one buffer of the ring
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    const int grp = blockIdx.y / ci_chunks;
+    const int ci0 = (blockIdx.y - grp * ci_chunks) * CI;
+    u32 bx = blockIdx.x;
+    const int wt_i = static_cast<int>(bx % static_cast<u32>(w_tiles));
+    bx /= static_cast<u32>(w_tiles);
+    const int ht_i = static_cast<int>(bx % static_cast<u32>(h_tiles));
+    bx /= static_cast<u32>(h_tiles);
+    const int d = static_cast<int>(bx % static_cast<u32>(D));
+    const i64 n = bx / static_cast<u32>(D);
+    const int h0 = ht_i * TH, w0 = wt_i * TW;
+
+    for (int e = threadIdx.x; e < n_wt; e += blockDim.x) {
+        const int qq = e % CI, jt = e / CI;  // jt = j * taps + t, w's own order within a channel
+        const int ci = ci0 + qq;
+        wt[e] = ci < C_in_g
+                    ? cct::to_acc(w[(static_cast<i64>(grp) * C_in_g + ci) * C_out_g * taps + jt])
+                    : Acc(0);
+    }
+
+    // Staging: piece e of the box is row e / nvec, columns 4*(e % nvec) + [0, 4). The quotient
+    // comes from a float product: e < 2^22 and nvec < 2^12 keep it exact (the host checks).
+    const i64 oHW = static_cast<i64>(oH) * oW;
+    const T* const gy_grp = gy + (n * g.C_out + static_cast<i64>(grp) * C_out_g) * oD * oHW;
+    const int oh0 = h0 * sH - pH, ow0 = w0 * sW - pW;
+    const int cs = ow0 - (((ow0 % 4) + 4) % 4), e0 = ow0 - cs;
+    const int pieces = rh * nvec;
+    const float inv_nvec = 1.0f / static_cast<float>(nvec);
+    auto stage = [&](int j, int kd, int buf) {
+        const int od = d * sD + kd * dD - pD;
+        const bool plane_ok = static_cast<u32>(od) < static_cast<u32>(oD);
+        const T* const src = gy_grp + (static_cast<i64>(j) * oD + (plane_ok ? od : 0)) * oHW;
+        Acc* const dst = box + buf * plane;
+        for (int e = threadIdx.x; e < pieces; e += blockDim.x) {
+            const int r = static_cast<int>((static_cast<float>(e) + 0.5f) * inv_nvec);
+            const int k = e - r * nvec;
+            const int oh = oh0 + r;
+            const bool row_ok = plane_ok && static_cast<u32>(oh) < static_cast<u32>(oH);
+            stage_piece<T>(dst + r * pitch + 4 * k, src + (row_ok ? static_cast<i64>(oh) * oW : 0),
+                           cs + 4 * k, oW, row_ok, vec != 0);
+        }
+    };
+
+    Acc acc[VH][VW][CI];
+#pragma unroll
+    for (int u = 0; u < VH; ++u)
+#pragma unroll
+        for (int v = 0; v < VW; ++v)
+#pragma unroll
+            for (int qq = 0; qq < CI; ++qq) acc[u][v][qq] = Acc(0);
+
+    const int row_step = 8 * sH * pitch;  // between a thread's voxel rows u
+    const int col_step = 32 * sW;          // between its voxel columns v
+    const int lane_base = warp * sH * pitch + e0 + lane * sW;
+    const int stages = C_out_g * kD;
+#pragma unroll
+    for (int i = 0; i < NS - 1; ++i) {
+        if (i < stages) stage(i / kD, i % kD, i);
+        cct::cp_commit();
+    }
+    for (int st = 0; st < stages; ++st) {
+        const int ahead = st + NS - 1;
+        if (ahead < stages) {
+            const int ja = ahead / kD;
+            stage(ja, ahead - ja * kD, ahead % NS);
+        }
+        cct::cp_commit();
+        cct::cp_wait<NS - 1>();
+        __syncthreads();
+        const int j = st / kD, kd = st - j * kD;
+        const Acc* brow = box + (st % NS) * plane + lane_base;
+        const Acc* wk = wt + (j * taps + kd * kH * kW) * CI;
+        for (int kh = 0; kh < kH; ++kh, brow += dH * pitch) {
+            const Acc* p = brow;
+            for (int kw = 0; kw < kW; ++kw, wk += CI, p += dW) {
+                Acc wv[CI];
+                if constexpr (CI % 4 == 0) {
+#pragma unroll
+                    for (int i = 0; i < CI / 4; ++i) cct::Frag<Acc, 4>::load(wk + 4 * i, wv + 4 * i);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < CI; ++i) wv[i] = wk[i];
+                }
+#pragma unroll
+                for (int u = 0; u < VH; ++u)
+#pragma unroll
+                    for (int v = 0; v < VW; ++v) {
+                        const Acc gv = p[u * row_step + v * col_step];
+#pragma unroll
+                        for (int qq = 0; qq < CI; ++qq)
+                            acc[u][v][qq] = cct::fma_ieee(gv, wv[qq], acc[u][v][qq]);
+                    }
+            }
+        }
+        __syncthreads();
+    }
+
+    const i64 DHW = static_cast<i64>(D) * H * W;
+    T* const gx0 = gx + (n * g.C_in + static_cast<i64>(grp) * C_in_g + ci0) * DHW +
+                   static_cast<i64>(d) * H * W;
+#pragma unroll
+    for (int u = 0; u < VH; ++u) {
+        const int h = h0 + warp + 8 * u;
+#pragma unroll
+        for (int v = 0; v < VW; ++v) {
+            const int x = w0 + lane + 32 * v;
+            if (h >= H || x >= W) continue;
+#pragma unroll
+            for (int qq = 0; qq < CI; ++qq)
+                if (ci0 + qq < C_in_g)
+                    gx0[qq * DHW + static_cast<i64>(h) * W + x] = cct::from_acc<T>(acc[u][v][qq]);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // grad_weight partials: gw[g*C_in_g + ci, j, t] summed over one split of the input voxels,
 //
 //   ws[split][g*C_in_g + ci][j*taps + t] = sum_{voxels i of the split} x[n, ci, i] * gy[n, j, i*s + off_t]

@@ -42,8 +42,10 @@ from typing import Any
 
 from cupyconvt._backward_gpu import (
     NARROW_VARIANTS,
+    STAGED_VARIANTS,
     TAP_INNER,
     DataTile,
+    GradInputPlan,
     WeightTile,
     all_backward_modules,
     bias_plan,
@@ -111,7 +113,8 @@ class Problem:
     sm_count: int | None = None
     #: Backward: the gradients to compute (empty: a forward problem).
     needs: tuple[str, ...] = ()
-    path: str | None = None  # grad_input: force "narrow" or "igemm"
+    path: str | None = None  # grad_input: force "staged", "narrow" or "igemm"
+    staged_variant: tuple[int, int, int] | None = None  # grad_input: force a staged variant
     data_tile: DataTile | None = None  # grad_input: force an implicit-GEMM tile
     weight_tile: WeightTile | None = None  # grad_weight: force a tile
     splits: int | None = None  # grad_weight: force the number of voxel splits
@@ -191,7 +194,7 @@ def backward_plans(pr: Problem, dev: DeviceInfo = H100) -> tuple[Any, Any, Any]:
     gi = gw = gb = None
     if "input" in pr.needs:
         gi = input_plan(p, pr.dtype, pr.path, pr.data_tile, dev.max_shared_per_block_optin,
-                        TAP_INNER, dev.sm_count)  # fmt: skip
+                        TAP_INNER, dev.sm_count, pr.staged_variant)  # fmt: skip
     if "weight" in pr.needs:
         if pr.weight_tile is None and pr.splits is None:
             gw = weight_plan(p, pr.dtype)
@@ -689,7 +692,7 @@ def _patch() -> list[Problem]:
 
 
 def _backward() -> list[Problem]:
-    """Per dtype: every grad_input path (narrow variants, implicit-GEMM tiles) and every
+    """Per dtype: every grad_input path (staged and narrow variants, implicit-GEMM tiles) and every
     grad_weight tile, paired up problem by problem, with grad_bias each time; grad_weight
     written directly (one split, float32/float64) once. Then a few unforced ones."""
     out = []
@@ -697,28 +700,38 @@ def _backward() -> list[Problem]:
     narrow_c_in_g = {1: 1, 2: 2, 4: 3}  # the narrow variant's CI covers C_in_g; else CI = 8
     for dt in CPP_TYPE:
         inputs = [("narrow", v, None) for v in NARROW_VARIANTS]
+        inputs += [("staged", v, None) for v in STAGED_VARIANTS]
         inputs += [("igemm", None, t) for t in data_tiles(dt)]
         weights = weight_tiles(dt)
         for i in range(max(len(inputs), len(weights))):
             path, variant, dtile = inputs[i % len(inputs)]
             wtile = weights[i % len(weights)]
-            g = GEOMETRIES[(i + 2) % len(GEOMETRIES)]
             groups = (1, 2, 1, 3)[i % 4]
             if dtile is not None:
                 c_in_g = (max(1, dtile.BN - 3), dtile.BN + 5, 5)[i % 3]
                 what = f"in-{dtile.BM}x{dtile.BN}"
             else:
                 c_in_g = narrow_c_in_g.get(variant[0], (5, 13)[i % 2])
-                what = f"in-narrow{variant[0]}x{variant[1]}"
+                what = f"in-{path}" + "x".join(map(str, variant))
             c_out_g = c_out_gs[i % len(c_out_gs)]
             splits = 1 if i == 0 else None  # float32/float64: the GEMM writes grad_weight
             what += f"+w-{wtile.BM}x{wtile.BN}" + ("-1split" if splits else "")
-            out.append(Problem(
-                f"bwd/{_short(dt)}/{what}/{g.name}",
-                _x_shape((1, 2, None)[i % 3], c_in_g * groups, g), c_out_g * groups,
-                groups=groups, dtype=dt, needs=("input", "weight", "bias"), path=path,
-                data_tile=dtile, weight_tile=wtile, splits=splits, kind="backward",
-                **g.args()))  # fmt: skip
+            # the geometry of the turn, or (staged variants, whose box grows with the stride)
+            # the next one whose box fits
+            for j in range(len(GEOMETRIES)):
+                g = GEOMETRIES[(i + 2 + j) % len(GEOMETRIES)]
+                pr = Problem(
+                    f"bwd/{_short(dt)}/{what}/{g.name}",
+                    _x_shape((1, 2, None)[i % 3], c_in_g * groups, g), c_out_g * groups,
+                    groups=groups, dtype=dt, needs=("input", "weight", "bias"), path=path,
+                    staged_variant=variant if path == "staged" else None,
+                    data_tile=dtile, weight_tile=wtile, splits=splits, kind="backward",
+                    **g.args())  # fmt: skip
+                if path != "staged" or GradInputPlan.staged_eligible(
+                    pr.params, dt, H100.max_shared_per_block_optin, variant
+                ):
+                    break
+            out.append(pr)
     G = GEOMETRY
     specs = [
         ("f32_grouped", "float32", 2, 4, 6, 2, "s2p1op1", ("input", "weight", "bias"), 0),

@@ -112,15 +112,18 @@ def _run_twice(fn, out_shape, dtype):
     return first
 
 
-def _grad_input(gy, w, p, path=None, tile=None, tap_inner=bwd.TAP_INNER):
-    """grad_input through the public function, or a forced path/tile/order through its plan."""
+def _grad_input(gy, w, p, path=None, tile=None, tap_inner=bwd.TAP_INNER, variant=None):
+    """grad_input through the public function, or a forced path/tile/order/variant through its
+    plan."""
     import cupy
 
     if path is None and tile is None and tap_inner == bwd.TAP_INNER:
         return bwd.grad_input(gy, w, p)
     gx = cupy.empty(p.x_shape5, dtype=gy.dtype)
     dtype = dtype_name(gy.dtype)
-    bwd.input_plan(p, dtype, path, tile, bwd.NARROW_MAX_SMEM, tap_inner).launch(gy, w, gx)
+    plan = bwd.input_plan(p, dtype, path, tile, bwd.NARROW_MAX_SMEM, tap_inner,
+                          bwd.SM_COUNT, variant)  # fmt: skip
+    plan.launch(gy, w, gx)
     return gx
 
 
@@ -136,7 +139,7 @@ def _grad_weight(x, gy, p, tile=None, splits=None):
 
 # grad_input variants: the default choice, the narrow path, the GEMM's other K-loop order, and
 # every GEMM tile (by index into the dtype's tiles; float64 has fewer).
-INPUT_VARIANTS = ["default", "narrow", "igemm_other_order",
+INPUT_VARIANTS = ["default", "narrow", "staged", "staged_1x1", "igemm_other_order",
                   *(f"tile{i}" for i in range(len(bwd.DATA_TILES_FLOAT)))]  # fmt: skip
 WEIGHT_VARIANTS = ["default", *(f"tile{i}" for i in range(len(bwd.WEIGHT_TILES_FLOAT)))]
 
@@ -145,20 +148,29 @@ def _check_grad_input(case: Case, dtype: str, variant: str, rng) -> None:
     import cupy
 
     x, w, gy, p = _problem(case, dtype, rng)
-    path, tile, tap_inner = None, None, bwd.TAP_INNER
+    path, tile, tap_inner, staged = None, None, bwd.TAP_INNER, None
     if variant == "igemm_other_order":
         path, tap_inner = "igemm", not bwd.TAP_INNER
     elif variant == "narrow":
         if not bwd.GradInputPlan.narrow_eligible(p, dtype):
             pytest.skip("the narrow path does not fit this problem")
         path = "narrow"
+    elif variant.startswith("staged"):
+        # the default variant, or the smallest tile (8 x 32 voxels: more tiles, more edges)
+        sv = bwd.staged_variant(p)
+        if variant == "staged_1x1":
+            sv = next(v for v in bwd.STAGED_VARIANTS if v[0] == sv[0] and v[1] * v[2] <= 2)
+        if not bwd.GradInputPlan.staged_eligible(p, dtype, bwd.NARROW_MAX_SMEM, sv):
+            pytest.skip("the staged path does not fit this problem")
+        path, staged = "staged", sv
     elif variant.startswith("tile"):
         tiles = bwd.data_tiles(dtype)
         if int(variant[4:]) >= len(tiles):
             pytest.skip(f"{dtype} has {len(tiles)} grad_input tiles")
         path, tile = "igemm", tiles[int(variant[4:])]
     gyd, wd = cupy.asarray(gy), cupy.asarray(w)
-    got = _run_twice(lambda: _grad_input(gyd, wd, p, path, tile, tap_inner), p.x_shape5, dtype)
+    got = _run_twice(lambda: _grad_input(gyd, wd, p, path, tile, tap_inner, staged), p.x_shape5,
+                     dtype)  # fmt: skip
     assert got.shape == p.x_shape5 and got.dtype == gyd.dtype and got.flags.c_contiguous
     _check(got, grads_oracle(x, w, gy, p)[0], dtype, f"{case} {dtype} grad_input {variant}")
 
@@ -221,6 +233,11 @@ MEDIUM = [
     Case("b_long_rows", 1, 4, 4, (2, 3, 70), (1, 1, 3), dict(stride=(1, 1, 2))),
     Case("b_many_voxels", 3, 16, 16, (16, 16, 16), (3, 3, 3), dict(padding=1)),
     Case("b_narrow_big_weights", 1, 2, 40, (5, 6, 7), (3, 5, 7), dict(padding=(1, 2, 3))),
+    # several staged tiles along h and w; stride 3 along w
+    Case("b_tiles_hw", 2, 6, 4, (3, 37, 75), (3, 4, 3),
+         dict(stride=(1, 2, 3), padding=(1, 1, 2), groups=2)),
+    Case("b_depthwise_dilated", 1, 3, 3, (4, 20, 40), (2, 3, 4),
+         dict(stride=2, padding=(0, 1, 2), dilation=(1, 2, 3), groups=3)),
 ]  # fmt: skip
 
 
@@ -236,6 +253,32 @@ def test_grad_input_medium(case, dtype, variant, rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_weight_medium(case, dtype, variant, rng):
     _check_grad_weight(case, dtype, variant, rng)
+
+
+@pytest.mark.parametrize("case", CASES + MEDIUM, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_input_staged_equals_narrow(case, dtype, rng):
+    """bwd_data_staged runs bwd_data_narrow's fma chain (channels, then kd, kh, kw, with zeros
+    where a tap leaves gy) on staged copies of gy: the two give bitwise the same gx, for every
+    staged variant of the problem's CI."""
+    import cupy
+
+    x, w, gy, p = _problem(case, dtype, rng)
+    if p.C_in_g > bwd.NARROW_MAX_CI or not bwd.GradInputPlan.narrow_eligible(p, dtype):
+        pytest.skip("the narrow path does not run this problem")
+    gyd, wd = cupy.asarray(gy), cupy.asarray(w)
+    ref = _grad_input(gyd, wd, p, "narrow")
+    ci = bwd.narrow_variant(p)[0]
+    ran = 0
+    for v in (v for v in bwd.STAGED_VARIANTS if v[0] == ci):
+        if not bwd.GradInputPlan.staged_eligible(p, dtype, bwd.NARROW_MAX_SMEM, v):
+            continue
+        _poison_pool(p.x_shape5, dtype)
+        got = _grad_input(gyd, wd, p, "staged", variant=v)
+        assert _bitwise_equal(got, ref), f"{case} {dtype} staged {v} differs from narrow"
+        ran += 1
+    if not ran:
+        pytest.skip("no staged variant fits this problem in NARROW_MAX_SMEM")
 
 
 @pytest.mark.parametrize("splits", [1, 2, 7, 1000])

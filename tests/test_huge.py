@@ -121,8 +121,8 @@ GRAD_INPUT = [
                       dict(padding=1)), "igemm"),
     ("igemm_k2s2", Huge("gi_igemm_k2s2", "", "float16", (1, 16, 256, 256, 520),
                         (16, 16, 2, 2, 2), dict(stride=2)), "igemm"),
-    ("narrow_depthwise", Huge("gi_narrow", "", "float16", (1, 8, 512, 512, 1040), (8, 1, 3, 3, 3),
-                              dict(padding=1, groups=8)), "narrow"),
+    ("staged_depthwise", Huge("gi_staged", "", "float16", (1, 8, 512, 512, 1040), (8, 1, 3, 3, 3),
+                              dict(padding=1, groups=8)), "staged"),
 ]  # fmt: skip
 
 #: grad_weight and grad_bias: stride == kernel (each output voxel has one tap of one input voxel,

@@ -17,7 +17,8 @@ For ``y = conv_transpose3d(x, w, bias, ...)`` and the gradient ``gy`` of a loss 
 Every kernel writes each element once, with no atomics, and every sum runs in an order that the
 problem fixes (the grad_input GEMM tiles share one order; the split of grad_weight's voxels is
 computed for a nominal GPU, not the one at hand), so results are bitwise identical from run to run
-and, but for grad_input's narrow path where shared memory is short, from GPU to GPU. float64
+and, but for grad_input's gather paths where shared memory is short (their tiles and the staged
+and L1 gathers sum in one order; the GEMM in another), from GPU to GPU. float64
 is computed in float64, float32 in IEEE float32 (``precision`` "high" and "medium" are accepted and
 run the same IEEE kernels for now), and float16/bfloat16 accumulate in float32 and round once.
 Launches go to CuPy's current stream, on the arrays' device.

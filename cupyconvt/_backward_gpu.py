@@ -306,10 +306,15 @@ def staged_smem(
     return (n_wt + ring * rh * 4 * nvec) * acc_dtype(dtype).itemsize
 
 
+def staged_tiles(p: ConvParams, variant: tuple[int, int, int]) -> tuple[int, int]:
+    """bwd_data_staged's tiles of an input plane: (along h, along w)."""
+    _, vh, vw = variant
+    return -(-p.in_size[1] // (8 * vh)), -(-p.in_size[2] // (32 * vw))
+
+
 def staged_grid(p: ConvParams, variant: tuple[int, int, int]) -> tuple[int, int, int]:
-    ci, vh, vw = variant
-    h_tiles, w_tiles = -(-p.in_size[1] // (8 * vh)), -(-p.in_size[2] // (32 * vw))
-    return (p.N * p.in_size[0] * h_tiles * w_tiles, p.groups * -(-p.C_in_g // ci), 1)
+    h_tiles, w_tiles = staged_tiles(p, variant)
+    return (p.N * p.in_size[0] * h_tiles * w_tiles, p.groups * -(-p.C_in_g // variant[0]), 1)
 
 
 def _tile_efficiency(tm: int, tn: int) -> float:
@@ -352,6 +357,10 @@ class GradInputPlan:
     pack_grid: tuple[int, int, int] = (1, 1, 1)
     pads: tuple[int, int] = (0, 0)  # (co_pad, ci_pad) of the packed weights
     tap_inner: bool = TAP_INNER  # the K loop's order: every tap of a channel chunk in turn
+    #: staged: the kernel's integer arguments that the problem fixes (ci_chunks, h_tiles,
+    #: w_tiles, rh, nvec), and whether gy's rows are whole 4-column pieces (oW % 4 == 0)
+    staged_args: tuple[int, ...] = ()
+    rows4: bool = False
     geom: DeviceArray = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
     taps: DeviceArray = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
     _per_device: dict = field(default_factory=dict, compare=False, repr=False)
@@ -404,12 +413,25 @@ class GradInputPlan:
         geom, taps = geometry(p), DeviceArray(tap_table(p))
         if path == "staged":
             tv = tuple(variant) if variant else staged_variant(p, dtype, max_smem)
-            if len(tv) != 3 or tv not in STAGED_VARIANTS:
+            if tv not in STAGED_VARIANTS:
                 raise ValueError(f"unknown bwd_data_staged variant {variant!r}")
-            if not cls.staged_eligible(p, dtype, max_smem, tv):  # type: ignore[arg-type]
+            sv: tuple[int, int, int] = tv  # type: ignore[assignment]  # one of STAGED_VARIANTS
+            if not cls.staged_eligible(p, dtype, max_smem, sv):
                 raise ValueError(f"the staged grad_input path does not fit {p}")
-            return cls(p, dtype, path, staged_grid(p, tv), variant=tv,  # type: ignore[arg-type]
-                       shared_mem=staged_smem(p, dtype, tv), geom=geom, taps=taps)  # type: ignore[arg-type]  # fmt: skip
+            grid = staged_grid(p, sv)
+            args = (grid[1] // p.groups, *staged_tiles(p, sv), *staged_box(p, sv[1], sv[2]))
+            return cls(
+                p,
+                dtype,
+                path,
+                grid,
+                variant=sv,
+                shared_mem=staged_smem(p, dtype, sv),
+                staged_args=args,
+                rows4=p.out_size[2] % 4 == 0,
+                geom=geom,
+                taps=taps,
+            )
         if path == "narrow":
             if not cls.narrow_eligible(p, dtype, max_smem):
                 raise ValueError(f"the narrow grad_input path does not fit {p}")
@@ -456,15 +478,11 @@ class GradInputPlan:
             fns[0](self.grid, (THREADS, 1, 1), args, self.shared_mem)
             return
         if self.path == "staged":
-            p = self.p
-            _, vh, vw = self.variant  # type: ignore[misc]
-            h_tiles, w_tiles = -(-p.in_size[1] // (8 * vh)), -(-p.in_size[2] // (32 * vw))
-            rh, nvec = staged_box(p, vh, vw)
-            # 16-byte pieces of gy where its rows allow them
+            # 4-column pieces of gy at once (16 bytes; 8 for the 16-bit types) where its rows
+            # allow them
             align = 16 if self.dtype in ("float32", "float64") else 8
-            vec = p.out_size[2] % 4 == 0 and gy.data.ptr % align == 0
-            args = (gy.data.ptr, w.data.ptr, gx.data.ptr, geom, self.grid[1] // p.groups,
-                    h_tiles, w_tiles, rh, nvec, int(vec))  # fmt: skip
+            vec = self.rows4 and gy.data.ptr % align == 0
+            args = (gy.data.ptr, w.data.ptr, gx.data.ptr, geom, *self.staged_args, int(vec))
             fns[0](self.grid, (THREADS, 1, 1), args, self.shared_mem)
             return
         co_pad, ci_pad = self.pads

@@ -41,6 +41,20 @@ __device__ __forceinline__ void tile_step(const A* as, const A* bs, int tx, int 
         for (int j = 0; j < TN; ++j) acc[i][j] = fma_ieee(a[i], b[j], acc[i][j]);
 }
 
+// A CI-wide chunk of one group's input channels, from ci0, of w (C_in, C_out_g, taps) into
+// shared memory as wt[j][t][CI] accumulators, zero for channels past C_in_g (the gathers
+// bwd_data_narrow and bwd_data_staged read it as broadcasts). The caller syncs.
+template <typename T, int CI>
+__device__ __forceinline__ void stage_weight_chunk(typename Acc<T>::type* wt, const T* w, int grp,
+                                                   int ci0, int C_in_g, int C_out_g, int taps) {
+    for (int e = threadIdx.x; e < C_out_g * taps * CI; e += blockDim.x) {
+        const int q = e % CI, jt = e / CI;  // jt = j * taps + t, w's own order within a channel
+        const int ci = ci0 + q;
+        wt[e] = ci < C_in_g ? to_acc(w[(static_cast<i64>(grp) * C_in_g + ci) * C_out_g * taps + jt])
+                            : typename Acc<T>::type(0);
+    }
+}
+
 }  // namespace bwd
 }  // namespace cct
 
@@ -290,13 +304,7 @@ bwd_data_narrow(const T* __restrict__ gy, const T* __restrict__ w, T* __restrict
     const int kD = static_cast<int>(g.kD), kH = static_cast<int>(g.kH), kW = static_cast<int>(g.kW);
     const int taps = kD * kH * kW;
     const int C_in_g = static_cast<int>(g.C_in_g), C_out_g = static_cast<int>(g.C_out_g);
-    for (int e = threadIdx.x; e < C_out_g * taps * CI; e += blockDim.x) {
-        const int q = e % CI, jt = e / CI;  // jt = j * taps + t, w's own order within a channel
-        const int ci = ci0 + q;
-        wt[e] = ci < C_in_g
-                    ? cct::to_acc(w[(static_cast<i64>(grp) * C_in_g + ci) * C_out_g * taps + jt])
-                    : Acc(0);
-    }
+    cct::bwd::stage_weight_chunk<T, CI>(wt, w, grp, ci0, C_in_g, C_out_g, taps);
     __syncthreads();
 
     const i64 D = g.D, H = g.H, W = g.W, DHW = D * H * W, M = g.N * DHW;
@@ -472,13 +480,7 @@ bwd_data_staged(const T* __restrict__ gy, const T* __restrict__ w, T* __restrict
     const i64 n = bx / static_cast<u32>(D);
     const int h0 = ht_i * TH, w0 = wt_i * TW;
 
-    for (int e = threadIdx.x; e < n_wt; e += blockDim.x) {
-        const int qq = e % CI, jt = e / CI;  // jt = j * taps + t, w's own order within a channel
-        const int ci = ci0 + qq;
-        wt[e] = ci < C_in_g
-                    ? cct::to_acc(w[(static_cast<i64>(grp) * C_in_g + ci) * C_out_g * taps + jt])
-                    : Acc(0);
-    }
+    cct::bwd::stage_weight_chunk<T, CI>(wt, w, grp, ci0, C_in_g, C_out_g, taps);  // synced below
 
     // Staging: piece e of the box is row e / nvec, columns 4*(e % nvec) + [0, 4). The quotient
     // comes from a float product: e < 2^22 and nvec < 2^12 keep it exact (the host checks).

@@ -119,10 +119,7 @@ bwd_data_igemm(const T* __restrict__ gy, const typename cct::Acc<T>::type* __res
     constexpr int THREADS_N = BN / TN;
     constexpr int NT = THREADS_M * THREADS_N;
     constexpr int FN = TN % 4 == 0 ? 4 : 2;  // channel fragment width
-    // gy gather: each thread fills M_PER_THREAD voxels for K_PER_THREAD channels of a chunk.
-    constexpr int M_PER_THREAD = BM >= NT ? BM / NT : 1;
-    constexpr int K_STRIDE = BM >= NT ? 1 : NT / BM;
-    constexpr int K_PER_THREAD = BK / K_STRIDE;
+    constexpr int M_PER_THREAD = cct::ChunkGather<T, BM, BK, NT>::M_PER_THREAD;
     constexpr int VN = 16 / static_cast<int>(sizeof(Acc));  // accumulators per 16-byte vector
     constexpr int B_VECS = BK * BN / VN;
     constexpr int B_PER_THREAD = (B_VECS + NT - 1) / NT;
@@ -133,8 +130,6 @@ bwd_data_igemm(const T* __restrict__ gy, const typename cct::Acc<T>::type* __res
     constexpr int CROW = BM + VN;       // epilogue row pitch (16 bytes of padding)
     constexpr int EPI = CP * CROW;
     static_assert(TM % 4 == 0 && TN % FN == 0, "register tiles are read in fragments");
-    static_assert(BM % NT == 0 || NT % BM == 0, "gy loader needs BM and the thread count to nest");
-    static_assert(BK % K_STRIDE == 0, "gy loader covers the chunk evenly");
     static_assert(BN % VN == 0 && STAGES >= 2, "weights are copied in 16-byte vectors");
 
     __shared__ __align__(16) Acc smem[PIPE > EPI ? PIPE : EPI];
@@ -163,67 +158,67 @@ bwd_data_igemm(const T* __restrict__ gy, const typename cct::Acc<T>::type* __res
         out_off[ml] = v;
     }
 
-    // Gather coordinates (input voxel times stride) of the voxels this thread loads.
-    int ld_d[M_PER_THREAD], ld_h[M_PER_THREAD], ld_w[M_PER_THREAD];
-    const T* ld_base[M_PER_THREAD];
-    const int k_first = BM >= NT ? 0 : tid / BM;
+    // The gy gather: voxel origins are input voxels times the stride, in gy's output volume.
+    cct::ChunkGather<T, BM, BK, NT> ga;
+    ga.init(cct::smem_addr(As), oD, oH, oW, oVol);
+    const i64 oHW = g.oH * g.oW;
 #pragma unroll
     for (int j = 0; j < M_PER_THREAD; ++j) {
-        const i64 m = m0 + (BM >= NT ? tid + j * NT : tid % BM);
-        i64 n = 0;
-        int d = 0, h = 0, w = 0;
-        if (m < M) cct::split_voxel(m, D, H, W, n, d, h, w);
-        ld_d[j] = m < M ? d * static_cast<int>(g.sD) : -(1 << 30);  // never inside the output
-        ld_h[j] = h * static_cast<int>(g.sH);
-        ld_w[j] = w * static_cast<int>(g.sW);
-        ld_base[j] = gy + (n * g.C_out + static_cast<i64>(grp) * g.C_out_g + k_first) * oVol;
+        const i64 m = m0 + ga.slot(j);
+        if (m < M) {
+            i64 n;
+            int d, h, w;
+            cct::split_voxel(m, D, H, W, n, d, h, w);
+            const int od = d * static_cast<int>(g.sD), oh = h * static_cast<int>(g.sH),
+                      ow = w * static_cast<int>(g.sW);
+            ga.set(j, od, oh, ow,
+                   gy + (n * g.C_out + static_cast<i64>(grp) * g.C_out_g + ga.k_first) * oVol +
+                       od * oHW + static_cast<i64>(oh) * g.oW + ow);
+        } else {
+            ga.set(j, ga.NONE, 0, 0, gy);
+        }
     }
 
     const int chunks = taps * (co_pad / BK);
     const int C_out_g = static_cast<int>(g.C_out_g);
     // Chunk c of the group's packed weights starts at c * BK * ci_pad: one pointer walks them.
     const Acc* w_next = wp + static_cast<i64>(grp) * taps * co_pad * ci_pad + blockIdx.y * BN;
-    const int* tap = tap_table;  // the tap of the next chunk to issue
-    const int* const tap_end = tap_table + 4 * taps;
-    int it_c = 0;  // its first output channel
+    // This thread's 16-byte pieces of a weight stage: shared byte address and offset in a chunk.
+    u32 b_dst[B_PER_THREAD];
+    int b_off[B_PER_THREAD];
+    const u32 bs0 = cct::smem_addr(Bs);
+#pragma unroll
+    for (int i = 0; i < B_PER_THREAD; ++i) {
+        const int e = tid + i * NT;
+        const int k = e / (BN / VN), nv = e - k * (BN / VN);
+        b_dst[i] = bs0 + static_cast<u32>(k * BN + nv * VN) * sizeof(Acc);
+        b_off[i] = k * ci_pad + nv * VN;
+    }
+    const int4* const taps4 = reinterpret_cast<const int4*>(tap_table);
+    const int4* tap = taps4;  // the tap of the next chunk to issue
+    const int4* const tap_end = taps4 + taps;
+    int4 tp = __ldg(tap);     // its offsets, loaded a chunk ahead
+    int it_c = 0;             // its first output channel
+    i64 chan = 0;             // it_c * oVol
 
     auto issue = [&](int stage) {
-        const int off_d = __ldg(tap), off_h = __ldg(tap + 1), off_w = __ldg(tap + 2);
-        Acc* as = As + stage * A_STAGE;
+        const i64 off = chan + tp.x * oHW + static_cast<i64>(tp.y) * g.oW + tp.z;
+        ga.issue(static_cast<u32>(stage) * (A_STAGE * sizeof(Acc)), off, tp.x, tp.y, tp.z,
+                 C_out_g - it_c - ga.k_first);
+        const u32 b_stage = static_cast<u32>(stage) * (B_STAGE * sizeof(Acc));
 #pragma unroll
-        for (int j = 0; j < M_PER_THREAD; ++j) {
-            const int od = ld_d[j] + off_d, oh = ld_h[j] + off_h, ow = ld_w[j] + off_w;
-            const bool inside = static_cast<u32>(od) < oD && static_cast<u32>(oh) < oH &&
-                                static_cast<u32>(ow) < oW;
-            const T* src = ld_base[j] + (static_cast<i64>(it_c) * oD + od) * oH * oW +
-                           static_cast<i64>(oh) * oW + ow;
-            const int ml = BM >= NT ? tid + j * NT : tid % BM;
-            const int k_left = C_out_g - it_c - k_first;  // channels of the chunk that exist
-#pragma unroll
-            for (int i = 0; i < K_PER_THREAD; ++i) {
-                const bool ok = inside && i * K_STRIDE < k_left;
-                cct::GatherX<T>::copy(as + (k_first + i * K_STRIDE) * BM + ml, ok ? src : gy,
-                                          ok);
-                src += K_STRIDE * oVol;
-            }
-        }
-        Acc* bs = Bs + stage * B_STAGE;
-#pragma unroll
-        for (int i = 0; i < B_PER_THREAD; ++i) {
-            const int e = tid + i * NT;
-            if (B_VECS % NT == 0 || e < B_VECS) {
-                const int k = e / (BN / VN), nv = e - k * (BN / VN);
-                cct::copy16(bs + k * BN + nv * VN, w_next + k * ci_pad + nv * VN);
-            }
-        }
+        for (int i = 0; i < B_PER_THREAD; ++i)
+            if (B_VECS % NT == 0 || tid + i * NT < B_VECS)
+                cct::copy16_to(b_dst[i] + b_stage, w_next + b_off[i]);
         w_next += BK * ci_pad;
         if (tap_inner) {
-            tap += 4;
-            if (tap == tap_end) { tap = tap_table; it_c += BK; }
+            if (++tap == tap_end) { tap = taps4; it_c += BK; chan += BK * oVol; }
         } else {
             it_c += BK;
-            if (it_c == co_pad) { it_c = 0; tap += 4; }
+            chan += BK * oVol;
+            if (it_c == co_pad) { it_c = 0; chan = 0; ++tap; }
         }
+        if (tap != tap_end) tp = __ldg(tap);  // the next chunk's tap (none after the last)
     };
 
     const int tx = tid % THREADS_M;

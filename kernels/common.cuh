@@ -261,4 +261,117 @@ template <> struct GatherX<double> {
 #endif
     }
 };
+
+// The same into a shared-memory byte address (smem_addr), so that a caller computes the address
+// once and adds constants to it. Where !ok nothing is read (cp.async src-size 0): src may then
+// point anywhere. float and double by cp.async; the 16-bit types through registers.
+template <typename T> struct GatherS {
+    static __device__ __forceinline__ void copy(u32 dst, const T* src, bool ok) {
+        const float v = ok ? to_acc(*src) : 0.0f;
+        asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(dst), "f"(v) : "memory");
+    }
+};
+template <> struct GatherS<float> {
+    static __device__ __forceinline__ void copy(u32 dst, const float* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+                     "r"(ok ? 4 : 0) : "memory");
+#else
+        const float v = ok ? *src : 0.0f;
+        asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(dst), "f"(v) : "memory");
+#endif
+    }
+};
+template <> struct GatherS<double> {
+    static __device__ __forceinline__ void copy(u32 dst, const double* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),
+                     "r"(ok ? 8 : 0) : "memory");
+#else
+        const double v = ok ? *src : 0.0;
+        asm volatile("st.shared.f64 [%0], %1;\n" ::"r"(dst), "d"(v) : "memory");
+#endif
+    }
+};
+
+// 16 aligned bytes into a shared-memory byte address.
+__device__ __forceinline__ void copy16_to(u32 dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+#else
+    const float4 t = *reinterpret_cast<const float4*>(src);
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "f"(t.x), "f"(t.y),
+                 "f"(t.z), "f"(t.w) : "memory");
+#endif
+}
+
+// The A operand of the SIMT implicit GEMMs (igemm.cu's forward, backward.cu's grad_input): a
+// chunk of BK channels x BM voxels of a tensor, each voxel read at its origin plus the chunk's
+// tap offset, into one [BK][BM] stage of a shared-memory ring; zero outside the tensor's
+// D x H x W volume and past the chunk's last existing channel. Thread tid loads the voxels
+// j < M_PER_THREAD in slots ml = tid + j*NT (BM >= NT) or tid % BM, channels
+// k_first + i*K_STRIDE of the chunk.
+//
+// What no chunk changes is set up once: each voxel's origin (for the bounds test) and address
+// in channel k_first, and the shared byte address of the thread's first slot. A chunk adds one
+// 64-bit offset (its channels and tap) to each address and constants to the shared one: about
+// 8 + 4*K_PER_THREAD instructions a voxel. (Rebuilding the addresses every chunk, as the
+// kernels did, took ~130 instructions a chunk of the 128x128 tile's 700: sm_90 SASS.)
+template <typename T, int BM, int BK, int NT>
+struct ChunkGather {
+    static constexpr int M_PER_THREAD = BM >= NT ? BM / NT : 1;
+    static constexpr int K_STRIDE = BM >= NT ? 1 : NT / BM;
+    static constexpr int K_PER_THREAD = BK / K_STRIDE;
+    static constexpr u32 ELEM = sizeof(typename Acc<T>::type);
+    static_assert(BM % NT == 0 || NT % BM == 0, "the loader needs BM and the thread count to nest");
+    static_assert(BK % K_STRIDE == 0, "the loader covers the chunk evenly");
+
+    const T* src[M_PER_THREAD];  // voxel j's element in channel k_first at tap offset 0
+    int od[M_PER_THREAD], oh[M_PER_THREAD], ow[M_PER_THREAD];  // its origin; od = NONE: no voxel
+    u32 dst;                     // shared byte address of the thread's slot (k_first, ml) in stage 0
+    int k_first;                 // the thread's first channel of a chunk
+    u32 D, H, W;                 // the tensor's volume
+    i64 kstep;                   // elements between the channels k_first + i*K_STRIDE, i + 1
+
+    static constexpr int NONE = -(1 << 30);  // an origin never inside any volume
+
+    // The thread's slots in the [BK][BM] stage that starts at shared byte address `stage0`, the
+    // tensor's volume and its channel stride `vol` (elements).
+    __device__ __forceinline__ void init(u32 stage0, u32 D_, u32 H_, u32 W_, i64 vol) {
+        const int tid = threadIdx.x;
+        k_first = BM >= NT ? 0 : tid / BM;
+        dst = stage0 + (static_cast<u32>(k_first) * BM + (BM >= NT ? tid : tid % BM)) * ELEM;
+        D = D_; H = H_; W = W_;
+        kstep = K_STRIDE * vol;
+    }
+    // The voxel slot ml of this thread's voxel j (what init placed).
+    static __device__ __forceinline__ int slot(int j) {
+        return BM >= NT ? static_cast<int>(threadIdx.x) + j * NT : static_cast<int>(threadIdx.x) % BM;
+    }
+    // Voxel j: origin (d, h, w) (d = NONE where the slot has no voxel) and its element in
+    // channel k_first at tap offset 0 (any valid address where it has none).
+    __device__ __forceinline__ void set(int j, int d, int h, int w, const T* p) {
+        od[j] = d; oh[j] = h; ow[j] = w; src[j] = p;
+    }
+    // One chunk into the stage `stage_bytes` past stage 0: the tap offset (td, th, tw), `off` its
+    // linear offset plus the chunk's first channel times the channel stride; k_left channels of
+    // the chunk exist from k_first.
+    __device__ __forceinline__ void issue(u32 stage_bytes, i64 off, int td, int th, int tw,
+                                          int k_left) const {
+#pragma unroll
+        for (int j = 0; j < M_PER_THREAD; ++j) {
+            const bool inside = static_cast<u32>(od[j] + td) < D &&
+                                static_cast<u32>(oh[j] + th) < H && static_cast<u32>(ow[j] + tw) < W;
+            const T* s = src[j] + off;
+            const u32 d = dst + stage_bytes + static_cast<u32>(j * NT) * ELEM;
+#pragma unroll
+            for (int i = 0; i < K_PER_THREAD; ++i) {
+                GatherS<T>::copy(d + static_cast<u32>(i * K_STRIDE * BM) * ELEM, s,
+                                 inside && i * K_STRIDE < k_left);
+                s += kstep;
+            }
+        }
+    }
+};
+
 }  // namespace cct

@@ -130,10 +130,7 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
     constexpr int THREADS_N = BN / TN;
     constexpr int NT = THREADS_M * THREADS_N;
     constexpr int FN = TN % 4 == 0 ? 4 : 2;  // channel fragment width
-    // x gather: each thread fills M_PER_THREAD voxels for K_PER_THREAD channels of a chunk.
-    constexpr int M_PER_THREAD = BM >= NT ? BM / NT : 1;
-    constexpr int K_STRIDE = BM >= NT ? 1 : NT / BM;
-    constexpr int K_PER_THREAD = BK / K_STRIDE;
+    constexpr int M_PER_THREAD = cct::ChunkGather<T, BM, BK, NT>::M_PER_THREAD;
     constexpr int VN = 16 / static_cast<int>(sizeof(Acc));  // accumulators per 16-byte vector
     constexpr int B_VECS = BK * BN / VN;
     constexpr int B_PER_THREAD = (B_VECS + NT - 1) / NT;
@@ -144,8 +141,6 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
     constexpr int CROW = BM + VN;       // epilogue row pitch (16 bytes of padding)
     constexpr int EPI = CP * CROW;
     static_assert(TM % 4 == 0 && TN % FN == 0, "register tiles are read in fragments");
-    static_assert(BM % NT == 0 || NT % BM == 0, "x loader needs BM and the thread count to nest");
-    static_assert(BK % K_STRIDE == 0, "x loader covers the chunk evenly");
     static_assert(BN % VN == 0 && STAGES >= 2, "weights are copied in 16-byte vectors");
 
     __shared__ __align__(16) Acc smem[PIPE > EPI ? PIPE : EPI];
@@ -179,60 +174,66 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
         out_off[ml] = v;
     }
 
-    // Phase-voxel coordinates of the voxels this thread gathers (fixed over the K loop).
-    int ld_qd[M_PER_THREAD], ld_qh[M_PER_THREAD], ld_qw[M_PER_THREAD];
-    const T* ld_base[M_PER_THREAD];
-    const int k_first = BM >= NT ? 0 : tid / BM;
+    // The x gather: voxel origins are phase-voxel coordinates, in x's input volume.
+    cct::ChunkGather<T, BM, BK, NT> ga;
+    ga.init(cct::smem_addr(As), static_cast<u32>(g.D), static_cast<u32>(g.H),
+            static_cast<u32>(g.W), DHW);
+    const i64 HW = g.H * g.W;
 #pragma unroll
     for (int j = 0; j < M_PER_THREAD; ++j) {
-        const i64 m = m0 + (BM >= NT ? tid + j * NT : tid % BM);
-        i64 n = 0;
-        ld_qd[j] = 0; ld_qh[j] = 0; ld_qw[j] = 0;
-        if (m < M) cct::split_voxel(m, QD, QH, QW, n, ld_qd[j], ld_qh[j], ld_qw[j]);
-        else ld_qd[j] = -(1 << 30);  // never inside the input
-        ld_base[j] = x + (n * g.C_in + static_cast<i64>(grp) * g.C_in_g + k_first) * DHW;
+        const i64 m = m0 + ga.slot(j);
+        if (m < M) {
+            i64 n;
+            int qd, qh, qw;
+            cct::split_voxel(m, QD, QH, QW, n, qd, qh, qw);
+            ga.set(j, qd, qh, qw,
+                   x + (n * g.C_in + static_cast<i64>(grp) * g.C_in_g + ga.k_first) * DHW +
+                       qd * HW + static_cast<i64>(qh) * g.W + qw);
+        } else {
+            ga.set(j, ga.NONE, 0, 0, x);
+        }
     }
 
     const int chunks = taps * (ci_pad / BK);
     const int C_in_g = static_cast<int>(g.C_in_g);
-    const u32 D = static_cast<u32>(g.D), H = static_cast<u32>(g.H), W = static_cast<u32>(g.W);
     // Chunk c of the phase's packed weights starts at c * BK * co_pad: one pointer walks them.
     const Acc* w_next = wp + (static_cast<i64>(grp) * phases + ph) * max_taps * ci_pad * co_pad +
                         bt.n * BN;
-    const int* tap = tab + cct::PHASE_HDR;  // the tap of the next chunk to issue
-    int it_c = 0;                            // its first input channel
+    // This thread's 16-byte pieces of a weight stage: shared byte address and offset in a chunk.
+    u32 b_dst[B_PER_THREAD];
+    int b_off[B_PER_THREAD];
+    const u32 bs0 = cct::smem_addr(Bs);
+#pragma unroll
+    for (int i = 0; i < B_PER_THREAD; ++i) {
+        const int e = tid + i * NT;
+        const int k = e / (BN / VN), nv = e - k * (BN / VN);
+        b_dst[i] = bs0 + static_cast<u32>(k * BN + nv * VN) * sizeof(Acc);
+        b_off[i] = k * co_pad + nv * VN;
+    }
+    // The phase's taps, (off_d, off_h, off_w, w_tap) rows of 16 bytes.
+    const int4* tap = reinterpret_cast<const int4*>(tab + cct::PHASE_HDR);  // the next chunk's
+    const int4* const tap_end = tap + taps;
+    int4 tp = __ldg(tap);  // its offsets, loaded a chunk ahead
+    int it_c = 0;          // its first input channel
+    i64 chan = 0;          // it_c * DHW
 
     auto issue = [&](int stage) {
-        const int off_d = __ldg(tap), off_h = __ldg(tap + 1), off_w = __ldg(tap + 2);
-        Acc* as = As + stage * A_STAGE;
+        const i64 off = chan + tp.x * HW + static_cast<i64>(tp.y) * g.W + tp.z;
+        ga.issue(static_cast<u32>(stage) * (A_STAGE * sizeof(Acc)), off, tp.x, tp.y, tp.z,
+                 C_in_g - it_c - ga.k_first);
+        const u32 b_stage = static_cast<u32>(stage) * (B_STAGE * sizeof(Acc));
 #pragma unroll
-        for (int j = 0; j < M_PER_THREAD; ++j) {
-            const int id = ld_qd[j] + off_d, ih = ld_qh[j] + off_h, iw = ld_qw[j] + off_w;
-            const bool inside = static_cast<u32>(id) < D && static_cast<u32>(ih) < H &&
-                                static_cast<u32>(iw) < W;
-            const T* src = ld_base[j] + (static_cast<i64>(it_c) * D + id) * H * W +
-                           static_cast<i64>(ih) * W + iw;
-            const int ml = BM >= NT ? tid + j * NT : tid % BM;
-            const int k_left = C_in_g - it_c - k_first;  // channels of the chunk that exist
-#pragma unroll
-            for (int i = 0; i < K_PER_THREAD; ++i) {
-                const bool ok = inside && i * K_STRIDE < k_left;
-                cct::GatherX<T>::copy(as + (k_first + i * K_STRIDE) * BM + ml, ok ? src : x, ok);
-                src += K_STRIDE * DHW;
-            }
-        }
-        Acc* bs = Bs + stage * B_STAGE;
-#pragma unroll
-        for (int i = 0; i < B_PER_THREAD; ++i) {
-            const int e = tid + i * NT;
-            if (B_VECS % NT == 0 || e < B_VECS) {
-                const int k = e / (BN / VN), nv = e - k * (BN / VN);
-                cct::copy16(bs + k * BN + nv * VN, w_next + k * co_pad + nv * VN);
-            }
-        }
+        for (int i = 0; i < B_PER_THREAD; ++i)
+            if (B_VECS % NT == 0 || tid + i * NT < B_VECS)
+                cct::copy16_to(b_dst[i] + b_stage, w_next + b_off[i]);
         w_next += BK * co_pad;
         it_c += BK;
-        if (it_c == ci_pad) { it_c = 0; tap += 4; }
+        chan += BK * DHW;
+        if (it_c == ci_pad) {
+            it_c = 0;
+            chan = 0;
+            if (++tap != tap_end) tp = __ldg(tap);  // the next tap (none after the last)
+        }
     };
 
     const int tx = tid % THREADS_M;

@@ -17,7 +17,7 @@ except ImportError:
     pass
 
 
-def _required(what: str) -> bool:
+def required(what: str) -> bool:
     """CI sets CUPYCONVT_REQUIRE_<WHAT>=1 so that a missing dependency fails instead of skipping."""
     return os.environ.get(f"CUPYCONVT_REQUIRE_{what.upper()}") == "1"
 
@@ -27,7 +27,7 @@ def need(module: str, what: str):
     try:
         return pytest.importorskip(module)
     except pytest.skip.Exception:
-        if _required(what):
+        if required(what):
             pytest.fail(f"{module} is required here (CUPYCONVT_REQUIRE_{what.upper()}=1)")
         raise
 

@@ -27,20 +27,6 @@
 namespace cct {
 namespace bwd {
 
-// The register tile's inner product over one k-step: TM rows of `as` times TN columns of `bs`.
-template <typename A, int TM, int TN, int FN, int THREADS_M, int THREADS_N>
-__device__ __forceinline__ void tile_step(const A* as, const A* bs, int tx, int ty, A (&acc)[TM][TN]) {
-    A a[TM], b[TN];
-#pragma unroll
-    for (int i = 0; i < TM / 4; ++i) Frag<A, 4>::load(as + (i * THREADS_M + tx) * 4, a + 4 * i);
-#pragma unroll
-    for (int j = 0; j < TN / FN; ++j) Frag<A, FN>::load(bs + (j * THREADS_N + ty) * FN, b + FN * j);
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = fma_ieee(a[i], b[j], acc[i][j]);
-}
-
 // A CI-wide chunk of one group's input channels, from ci0, of w (C_in, C_out_g, taps) into
 // shared memory as wt[j][t][CI] accumulators, zero for channels past C_in_g (the gathers
 // bwd_data_narrow and bwd_data_staged read it as broadcasts). The caller syncs.
@@ -121,8 +107,6 @@ bwd_data_igemm(const T* __restrict__ gy, const typename cct::Acc<T>::type* __res
     constexpr int FN = TN % 4 == 0 ? 4 : 2;  // channel fragment width
     constexpr int M_PER_THREAD = cct::ChunkGather<T, BM, BK, NT>::M_PER_THREAD;
     constexpr int VN = 16 / static_cast<int>(sizeof(Acc));  // accumulators per 16-byte vector
-    constexpr int B_VECS = BK * BN / VN;
-    constexpr int B_PER_THREAD = (B_VECS + NT - 1) / NT;
     constexpr int A_STAGE = BK * BM;
     constexpr int B_STAGE = BK * BN;
     constexpr int PIPE = STAGES * (A_STAGE + B_STAGE);
@@ -183,17 +167,8 @@ bwd_data_igemm(const T* __restrict__ gy, const typename cct::Acc<T>::type* __res
     const int C_out_g = static_cast<int>(g.C_out_g);
     // Chunk c of the group's packed weights starts at c * BK * ci_pad: one pointer walks them.
     const Acc* w_next = wp + static_cast<i64>(grp) * taps * co_pad * ci_pad + blockIdx.y * BN;
-    // This thread's 16-byte pieces of a weight stage: shared byte address and offset in a chunk.
-    u32 b_dst[B_PER_THREAD];
-    int b_off[B_PER_THREAD];
-    const u32 bs0 = cct::smem_addr(Bs);
-#pragma unroll
-    for (int i = 0; i < B_PER_THREAD; ++i) {
-        const int e = tid + i * NT;
-        const int k = e / (BN / VN), nv = e - k * (BN / VN);
-        b_dst[i] = bs0 + static_cast<u32>(k * BN + nv * VN) * sizeof(Acc);
-        b_off[i] = k * ci_pad + nv * VN;
-    }
+    cct::WeightPieces<Acc, BK, BN, NT> wb;  // this thread's 16-byte pieces of a weight stage
+    wb.init(tid, cct::smem_addr(Bs), ci_pad);
     const int4* const taps4 = reinterpret_cast<const int4*>(tap_table);
     const int4* tap = taps4;  // the tap of the next chunk to issue
     const int4* const tap_end = taps4 + taps;
@@ -205,11 +180,7 @@ bwd_data_igemm(const T* __restrict__ gy, const typename cct::Acc<T>::type* __res
         const i64 off = chan + tp.x * oHW + static_cast<i64>(tp.y) * g.oW + tp.z;
         ga.issue(static_cast<u32>(stage) * (A_STAGE * sizeof(Acc)), off, tp.x, tp.y, tp.z,
                  C_out_g - it_c - ga.k_first);
-        const u32 b_stage = static_cast<u32>(stage) * (B_STAGE * sizeof(Acc));
-#pragma unroll
-        for (int i = 0; i < B_PER_THREAD; ++i)
-            if (B_VECS % NT == 0 || tid + i * NT < B_VECS)
-                cct::copy16_to(b_dst[i] + b_stage, w_next + b_off[i]);
+        wb.issue(tid, static_cast<u32>(stage) * (B_STAGE * sizeof(Acc)), w_next);
         w_next += BK * ci_pad;
         if (tap_inner) {
             if (++tap == tap_end) { tap = taps4; it_c += BK; chan += BK * oVol; }
@@ -243,8 +214,8 @@ bwd_data_igemm(const T* __restrict__ gy, const typename cct::Acc<T>::type* __res
         const Acc* bs = Bs + (c % STAGES) * B_STAGE;
 #pragma unroll KU
         for (int k = 0; k < BK; ++k)
-            cct::bwd::tile_step<Acc, TM, TN, FN, THREADS_M, THREADS_N>(as + k * BM, bs + k * BN,
-                                                                       tx, ty, acc);
+            cct::tile_step<Acc, TM, TN, FN, THREADS_M, THREADS_N>(as + k * BM, bs + k * BN, tx, ty,
+                                                                  acc);
     }
     cct::cp_wait<0>();
     const int C_in_g = static_cast<int>(g.C_in_g);
@@ -255,14 +226,7 @@ bwd_data_igemm(const T* __restrict__ gy, const typename cct::Acc<T>::type* __res
 #pragma unroll
     for (int f = 0; f < TN / FN; ++f) {
         __syncthreads();
-#pragma unroll
-        for (int i = 0; i < TM / 4; ++i)
-#pragma unroll
-            for (int jj = 0; jj < FN; ++jj)
-                cct::Frag<Acc, 4>::store(
-                    smem + (ty * FN + jj) * CROW + (i * THREADS_M + tx) * 4,
-                    acc[4 * i][f * FN + jj], acc[4 * i + 1][f * FN + jj],
-                    acc[4 * i + 2][f * FN + jj], acc[4 * i + 3][f * FN + jj]);
+        cct::stage_c_pass<CROW, FN, THREADS_M>(smem, acc, f, tx, ty);
         __syncthreads();
 #pragma unroll 4
         for (int e = tid; e < CP * BM; e += NT) {
@@ -733,8 +697,8 @@ bwd_weight_igemm(const T* __restrict__ x, const T* __restrict__ gy,
         const Acc* bs = Bs + slot * B_STAGE + kg * KPG * BP;
 #pragma unroll
         for (int k = 0; k < KPG; ++k)
-            cct::bwd::tile_step<Acc, TM, TN, FN, THREADS_M, THREADS_N>(as + k * AP, bs + k * BP,
-                                                                       tx, ty, acc);
+            cct::tile_step<Acc, TM, TN, FN, THREADS_M, THREADS_N>(as + k * AP, bs + k * BP, tx, ty,
+                                                                  acc);
     }
     cct::cp_wait<0>();
 

@@ -233,38 +233,10 @@ template <> struct Frag<double, 2> {
     }
 };
 
-// One element of a tensor into shared memory as an accumulator, zero where !ok (then src is not
-// read). float and double go by cp.async (asynchronous, zero-filled); the 16-bit types are
-// converted through registers. (igemm.cu, backward.cu)
-template <typename T> struct GatherX {
-    static __device__ __forceinline__ void copy(typename Acc<T>::type* dst, const T* src, bool ok) {
-        *dst = ok ? to_acc(*src) : typename Acc<T>::type(0);
-    }
-};
-template <> struct GatherX<float> {
-    static __device__ __forceinline__ void copy(float* dst, const float* src, bool ok) {
-#if __CUDA_ARCH__ >= 800
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)),
-                     "l"(src), "r"(ok ? 4 : 0) : "memory");
-#else
-        *dst = ok ? *src : 0.0f;
-#endif
-    }
-};
-template <> struct GatherX<double> {
-    static __device__ __forceinline__ void copy(double* dst, const double* src, bool ok) {
-#if __CUDA_ARCH__ >= 800
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)),
-                     "l"(src), "r"(ok ? 8 : 0) : "memory");
-#else
-        *dst = ok ? *src : 0.0;
-#endif
-    }
-};
-
-// The same into a shared-memory byte address (smem_addr), so that a caller computes the address
-// once and adds constants to it. Where !ok nothing is read (cp.async src-size 0): src may then
-// point anywhere. float and double by cp.async; the 16-bit types through registers.
+// One element of a tensor into the shared-memory byte address dst (smem_addr) as an accumulator,
+// zero where !ok. Where !ok nothing is read (cp.async src-size 0): src may then point anywhere.
+// float and double go by cp.async (asynchronous, zero-filled); the 16-bit types are converted
+// through registers. A caller that keeps the byte address adds constants to it.
 template <typename T> struct GatherS {
     static __device__ __forceinline__ void copy(u32 dst, const T* src, bool ok) {
         const float v = ok ? to_acc(*src) : 0.0f;
@@ -291,6 +263,17 @@ template <> struct GatherS<double> {
         const double v = ok ? *src : 0.0;
         asm volatile("st.shared.f64 [%0], %1;\n" ::"r"(dst), "d"(v) : "memory");
 #endif
+    }
+};
+
+// The same into a shared-memory pointer (backward.cu: grad_weight's gathers, the staged
+// grad_input's box).
+template <typename T> struct GatherX {
+    static __device__ __forceinline__ void copy(typename Acc<T>::type* dst, const T* src, bool ok) {
+        if constexpr (sizeof(T) == 2)
+            *dst = ok ? to_acc(*src) : typename Acc<T>::type(0);
+        else
+            GatherS<T>::copy(smem_addr(dst), src, ok);
     }
 };
 
@@ -373,5 +356,71 @@ struct ChunkGather {
         }
     }
 };
+
+
+// The B operand of the same GEMMs: a [BK][BN] stage of packed weights, whose rows lie `pitch`
+// elements apart in global memory, copied in 16-byte pieces of VN accumulators; thread tid copies
+// the pieces tid + i*NT. Each piece's shared byte address and offset in a chunk are set up once.
+template <typename Acc, int BK, int BN, int NT>
+struct WeightPieces {
+    static constexpr int VN = 16 / static_cast<int>(sizeof(Acc));  // accumulators a piece
+    static constexpr int VECS = BK * BN / VN;
+    static constexpr int PER_THREAD = (VECS + NT - 1) / NT;
+    static_assert(BN % VN == 0, "weights are copied in 16-byte vectors");
+
+    u32 dst[PER_THREAD];  // shared byte address in stage 0
+    int off[PER_THREAD];  // element offset from a chunk's start
+
+    // Thread tid's pieces of the [BK][BN] stage that starts at shared byte address `stage0`.
+    __device__ __forceinline__ void init(int tid, u32 stage0, int pitch) {
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; ++i) {
+            const int e = tid + i * NT;
+            const int k = e / (BN / VN), nv = e - k * (BN / VN);
+            dst[i] = stage0 + static_cast<u32>(k * BN + nv * VN) * sizeof(Acc);
+            off[i] = k * pitch + nv * VN;
+        }
+    }
+    // Thread tid's pieces of the chunk that starts at `chunk`, into the stage `stage_bytes` past
+    // stage 0.
+    __device__ __forceinline__ void issue(int tid, u32 stage_bytes, const Acc* chunk) const {
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; ++i)
+            if (VECS % NT == 0 || tid + i * NT < VECS)
+                copy16_to(dst[i] + stage_bytes, chunk + off[i]);
+    }
+};
+
+// The register tile's inner product over one k-step: TM rows of `as` times TN columns of `bs`.
+// Thread (tx, ty) takes rows (i * THREADS_M + tx) * 4 + 0..3 and columns (j * THREADS_N + ty) *
+// FN + 0..FN-1, so a warp's fragment reads are neighbouring vectors.
+template <typename A, int TM, int TN, int FN, int THREADS_M, int THREADS_N>
+__device__ __forceinline__ void tile_step(const A* as, const A* bs, int tx, int ty, A (&acc)[TM][TN]) {
+    A a[TM], b[TN];
+#pragma unroll
+    for (int i = 0; i < TM / 4; ++i) Frag<A, 4>::load(as + (i * THREADS_M + tx) * 4, a + 4 * i);
+#pragma unroll
+    for (int j = 0; j < TN / FN; ++j) Frag<A, FN>::load(bs + (j * THREADS_N + ty) * FN, b + FN * j);
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fma_ieee(a[i], b[j], acc[i][j]);
+}
+
+// Pass f of the GEMMs' epilogue: channel f * FN + jj of each of the thread's fragments goes to
+// row ty * FN + jj of `smem`, THREADS_N * FN rows of CROW accumulators, a row a channel and the
+// tile's voxels along it. The caller syncs before (the ring or the last pass is being read) and
+// after (before reading the rows back).
+template <int CROW, int FN, int THREADS_M, typename A, int TM, int TN>
+__device__ __forceinline__ void stage_c_pass(A* smem, const A (&acc)[TM][TN], int f, int tx,
+                                             int ty) {
+#pragma unroll
+    for (int i = 0; i < TM / 4; ++i)
+#pragma unroll
+        for (int jj = 0; jj < FN; ++jj)
+            Frag<A, 4>::store(smem + (ty * FN + jj) * CROW + (i * THREADS_M + tx) * 4,
+                              acc[4 * i][f * FN + jj], acc[4 * i + 1][f * FN + jj],
+                              acc[4 * i + 2][f * FN + jj], acc[4 * i + 3][f * FN + jj]);
+}
 
 }  // namespace cct

@@ -132,8 +132,6 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
     constexpr int FN = TN % 4 == 0 ? 4 : 2;  // channel fragment width
     constexpr int M_PER_THREAD = cct::ChunkGather<T, BM, BK, NT>::M_PER_THREAD;
     constexpr int VN = 16 / static_cast<int>(sizeof(Acc));  // accumulators per 16-byte vector
-    constexpr int B_VECS = BK * BN / VN;
-    constexpr int B_PER_THREAD = (B_VECS + NT - 1) / NT;
     constexpr int A_STAGE = BK * BM;
     constexpr int B_STAGE = BK * BN;
     constexpr int PIPE = STAGES * (A_STAGE + B_STAGE);
@@ -199,17 +197,8 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
     // Chunk c of the phase's packed weights starts at c * BK * co_pad: one pointer walks them.
     const Acc* w_next = wp + (static_cast<i64>(grp) * phases + ph) * max_taps * ci_pad * co_pad +
                         bt.n * BN;
-    // This thread's 16-byte pieces of a weight stage: shared byte address and offset in a chunk.
-    u32 b_dst[B_PER_THREAD];
-    int b_off[B_PER_THREAD];
-    const u32 bs0 = cct::smem_addr(Bs);
-#pragma unroll
-    for (int i = 0; i < B_PER_THREAD; ++i) {
-        const int e = tid + i * NT;
-        const int k = e / (BN / VN), nv = e - k * (BN / VN);
-        b_dst[i] = bs0 + static_cast<u32>(k * BN + nv * VN) * sizeof(Acc);
-        b_off[i] = k * co_pad + nv * VN;
-    }
+    cct::WeightPieces<Acc, BK, BN, NT> wb;  // this thread's 16-byte pieces of a weight stage
+    wb.init(tid, cct::smem_addr(Bs), co_pad);
     // The phase's taps, (off_d, off_h, off_w, w_tap) rows of 16 bytes.
     const int4* tap = reinterpret_cast<const int4*>(tab + cct::PHASE_HDR);  // the next chunk's
     const int4* const tap_end = tap + taps;
@@ -221,11 +210,7 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
         const i64 off = chan + tp.x * HW + static_cast<i64>(tp.y) * g.W + tp.z;
         ga.issue(static_cast<u32>(stage) * (A_STAGE * sizeof(Acc)), off, tp.x, tp.y, tp.z,
                  C_in_g - it_c - ga.k_first);
-        const u32 b_stage = static_cast<u32>(stage) * (B_STAGE * sizeof(Acc));
-#pragma unroll
-        for (int i = 0; i < B_PER_THREAD; ++i)
-            if (B_VECS % NT == 0 || tid + i * NT < B_VECS)
-                cct::copy16_to(b_dst[i] + b_stage, w_next + b_off[i]);
+        wb.issue(tid, static_cast<u32>(stage) * (B_STAGE * sizeof(Acc)), w_next);
         w_next += BK * co_pad;
         it_c += BK;
         chan += BK * DHW;
@@ -284,13 +269,7 @@ igemm_conv_transpose3d(const T* __restrict__ x, const typename cct::Acc<T>::type
 #pragma unroll
     for (int f = 0; f < TN / FN; ++f) {
         __syncthreads();
-#pragma unroll
-        for (int i = 0; i < TM / 4; ++i)
-#pragma unroll
-            for (int jj = 0; jj < FN; ++jj)
-                cct::Frag<Acc, 4>::store(smem + (ty * FN + jj) * CROW + (i * THREADS_M + tx) * 4,
-                                         acc[4 * i][f * FN + jj], acc[4 * i + 1][f * FN + jj],
-                                         acc[4 * i + 2][f * FN + jj], acc[4 * i + 3][f * FN + jj]);
+        cct::stage_c_pass<CROW, FN, THREADS_M>(smem, acc, f, tx, ty);
         __syncthreads();
 #pragma unroll 4
         for (int e = tid; e < CP * BM; e += NT) {

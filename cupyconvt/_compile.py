@@ -64,6 +64,17 @@ class KernelModule:
         return load_source(self.filename)
 
 
+def every_module() -> list[KernelModule]:
+    """Every kernel module the package can compile: the forward families' (``_select``), the
+    gradients' (``_backward_gpu``) and ``cupyconvt.dask``'s slab gather (``_slab``). What the CI
+    compile test builds and ``scripts/sass_diff.py`` compares."""
+    from ._backward_gpu import all_backward_modules
+    from ._select import all_modules
+    from ._slab import slab_module
+
+    return all_modules() + all_backward_modules() + [slab_module()]
+
+
 _lock = threading.Lock()
 _modules: dict[tuple[KernelModule, int], Any] = {}
 _functions: dict[tuple[KernelModule, str, int], Any] = {}

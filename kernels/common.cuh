@@ -357,7 +357,6 @@ struct ChunkGather {
     }
 };
 
-
 // The B operand of the same GEMMs: a [BK][BN] stage of packed weights, whose rows lie `pitch`
 // elements apart in global memory, copied in 16-byte pieces of VN accumulators; thread tid copies
 // the pieces tid + i*NT. Each piece's shared byte address and offset in a chunk are set up once.

@@ -4,18 +4,17 @@ git revision, with no GPU: proof that a refactor of kernels/ left the code that 
     PYTHONPATH=. python scripts/sass_diff.py [--base REV] [--only SUBSTR,...] [--arch sm_90]
                                              [--jobs N] [--show N]
 
-Each side's ``cupyconvt`` lists its kernel modules (what the CI compile test builds: the runtime's
-exact sources and NVRTC options); every module is compiled with NVRTC for ``--arch`` (a module
-whose options name an architecture, sm_90a's wgmma kernels, for that one) into a cubin,
-and ``cuobjdump -sass`` splits it into one listing a function. The listings are compared
-instruction by instruction, text and both 64-bit encoding words (so the scheduling bits too):
-two specializations match only where their machine code is bit for bit the same. ptxas does not
-always compile one source to the same code (7 of backward.cu's 143 specializations came out more
-than one way over five compiles of one tree, NVRTC 13.5), so a module with a differing
+Each side's ``cupyconvt`` lists its kernel modules (``_compile.every_module()``, what the CI
+compile test builds: the runtime's exact sources and NVRTC options); every module is compiled with
+NVRTC for ``--arch`` (a module whose options name an architecture, sm_90a's wgmma kernels, for that
+one) into a cubin, and ``cuobjdump -sass`` splits it into one listing a function. The listings are
+compared instruction by instruction, text and both 64-bit encoding words (so the scheduling bits
+too): two specializations match only where their machine code is bit for bit the same. ptxas does
+not always compile one source to the same code (7 of backward.cu's 143 specializations came out
+more than one way over five compiles of one tree, NVRTC 13.5), so a module with a differing
 specialization is compiled again on both sides (``--recompile``), and a specialization matches
-where some compile of each side agrees. Prints one
-line a differing specialization (instruction counts on both sides, and where ``--show`` asks, the
-first differing lines), then
+where some compile of each side agrees. Prints one line a differing specialization (instruction
+counts on both sides, and where ``--show`` asks, the first differing lines), then
 
     sass_diff: 678 specializations, 678 identical (3 of them compiled more than one way),
     0 differ, 0 only in base, 0 only here
@@ -88,13 +87,17 @@ def list_modules(tree: Path) -> list[dict]:
     and source, read in a subprocess so that each side imports its own package."""
     code = (
         "import json, sys\n"
-        "from cupyconvt._select import all_modules\n"
-        "from cupyconvt._backward_gpu import all_backward_modules\n"
-        "from cupyconvt._slab import slab_module\n"
-        "mods = all_modules() + all_backward_modules() + [slab_module()]\n"
+        "try:\n"
+        "    from cupyconvt._compile import every_module\n"
+        "except ImportError:  # a revision from before every_module: the same three lists\n"
+        "    from cupyconvt._backward_gpu import all_backward_modules\n"
+        "    from cupyconvt._select import all_modules\n"
+        "    from cupyconvt._slab import slab_module\n"
+        "    def every_module():\n"
+        "        return all_modules() + all_backward_modules() + [slab_module()]\n"
         "json.dump([dict(filename=m.filename, options=list(m.options),\n"
-        "                names=list(m.name_expressions), source=m.source()) for m in mods],\n"
-        "          sys.stdout)\n"
+        "                names=list(m.name_expressions), source=m.source())\n"
+        "           for m in every_module()], sys.stdout)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run(

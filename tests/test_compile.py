@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import need
 
-from cupyconvt._backward_gpu import all_backward_modules
+from cupyconvt._compile import every_module
 from cupyconvt._select import all_modules
-from cupyconvt._slab import slab_module
 
 ARCHS = ["sm_80", "sm_90"]
 
@@ -28,7 +27,7 @@ def _targets() -> list:
     """(module, arch) pairs: a module built for sm_90a (Hopper's wgmma) runs on 9.0 alone."""
     return [
         pytest.param(m, a, id=f"{m.filename}-{a}")
-        for m in all_modules() + all_backward_modules() + [slab_module()]
+        for m in every_module()
         for a in ARCHS
         if a == "sm_90" or "--gpu-architecture=sm_90a" not in m.options
     ]

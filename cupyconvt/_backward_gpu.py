@@ -99,9 +99,13 @@ class WeightTile:
 # MINB blocks an SM, no spill (ptxas -v, sm_90); float64 halves TM.
 DATA_TILES_FLOAT = (
     DataTile(128, 128, 8, 8, 8, 4, 1, 8),
+    DataTile(128, 128, 16, 8, 8, 2, 1, 8),
     DataTile(128, 64, 8, 8, 8, 4, 3, 8),
+    DataTile(128, 64, 16, 8, 8, 3, 2, 8),
     DataTile(256, 48, 8, 8, 6, 4, 2, 8),
+    DataTile(256, 48, 16, 8, 6, 2, 2, 8),
     DataTile(128, 32, 8, 8, 4, 4, 4, 8),
+    DataTile(128, 32, 16, 8, 4, 3, 4, 8),
     DataTile(256, 24, 8, 8, 6, 4, 4, 8),
     DataTile(256, 16, 8, 8, 4, 4, 4, 8),
 )
@@ -325,7 +329,11 @@ def _tile_efficiency(tm: int, tn: int) -> float:
 def pick_data_tile(p: ConvParams, dtype: str, sm_count: int = SM_COUNT) -> DataTile:
     """The tile with the least modelled time: padded input channels (BN slots) over the register
     tile's efficiency, stretched where the grid has fewer blocks than the GPU has SMs; then the
-    fewest padded output channels (K chunks of BK), then the wider tile.
+    fewest padded output channels (K chunks of BK), then the wider tile, then the deeper chunk
+    (BK 16 wherever it pads K no more than BK 8 does: half the barriers and loader set-up per
+    FMA). H100, 2026-12-07, BK 8 -> 16 of the same tile: kb58 1.79 -> 1.63 ms, kb61 7.55 -> 6.91,
+    kb68 39.0 -> 35.2, kb77 0.97 -> 0.89, unet_k3s2 1.52 -> 1.47, vnet 0.64 -> 0.59; kb70
+    (C_out_g 24, which BK 16 pads to 32) keeps BK 8.
 
     Measured on an H100 (2026-11-24, benchmarks/bench_backward.py --variants): vnet (C_in 256,
     4096 voxels) 128x64 0.62 ms vs 128x128 0.95 (64 blocks); kb58 (C_in 32) 128x32 2.01 ms vs
@@ -333,11 +341,11 @@ def pick_data_tile(p: ConvParams, dtype: str, sm_count: int = SM_COUNT) -> DataT
     """
     voxels = p.N * p.in_size[0] * p.in_size[1] * p.in_size[2]
 
-    def key(t: DataTile) -> tuple[float, int, int]:
+    def key(t: DataTile) -> tuple[float, int, int, int]:
         ci_pad = -(-p.C_in_g // t.BN) * t.BN
         blocks = -(-voxels // t.BM) * (ci_pad // t.BN) * p.groups
         cost = ci_pad / _tile_efficiency(t.TM, t.TN) / min(1.0, blocks / sm_count)
-        return (cost, -(-p.C_out_g // t.BK) * t.BK, -t.BN)
+        return (cost, -(-p.C_out_g // t.BK) * t.BK, -t.BN, -t.BK)
 
     return min(data_tiles(dtype), key=key)
 

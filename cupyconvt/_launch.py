@@ -37,6 +37,7 @@ SIGNATURES = {
     "bwd_reduce_splits": "ppqi",
     "bwd_weight_igemm": "pppppi",
     "conv_transpose3d_direct": "ppppp",
+    "dw2_conv_transpose3d": "pppppiii",
     "gather_slab": "ppqqqqqiii",
     "grouped_conv_transpose3d": "pppppp",
     "igemm_conv_transpose3d": "ppppppiiii",

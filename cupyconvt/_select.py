@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from . import _autotune
 from ._compile import KernelModule
+from ._depthwise import DwPlan, dw_module
 from ._grouped import GroupedPlan, grouped_module
 from ._igemm import IgemmPlan, igemm_module
 from ._params import ConvParams
@@ -18,8 +19,8 @@ from ._patch import PatchPlan, all_patch_modules
 from ._plans import CPP_TYPE, DirectPlan, direct_module
 from ._tc import TcPlan, all_tc_modules, layout_module
 
-Plan = DirectPlan | GroupedPlan | IgemmPlan | TcPlan | PatchPlan
-FAMILIES = ("tc", "igemm", "grouped", "direct")
+Plan = DirectPlan | DwPlan | GroupedPlan | IgemmPlan | TcPlan | PatchPlan
+FAMILIES = ("tc", "igemm", "depthwise", "grouped", "direct")
 
 #: A GEMM pays once both of its small dimensions fill a tile reasonably: below these channel
 #: counts per group the table-driven gather (grouped.cu) moves the same bytes with less overhead.
@@ -50,7 +51,8 @@ def _high_pays(p: ConvParams) -> bool:
 
 def all_modules() -> list[KernelModule]:
     """Every kernel module the runtime may compile (what the CI compile test builds)."""
-    return [f(d) for d in CPP_TYPE for f in (direct_module, grouped_module, igemm_module)] + [
+    families = (direct_module, grouped_module, igemm_module, dw_module)
+    return [f(d) for d in CPP_TYPE for f in families] + [
         layout_module(),
         *all_tc_modules(),
         *all_patch_modules(),
@@ -81,6 +83,8 @@ def eligible(
         return TcPlan.eligible(p, dtype, precision, cc)
     if family == "igemm":
         return IgemmPlan.eligible(p, dtype)
+    if family == "depthwise":
+        return DwPlan.eligible(p, dtype)
     if family == "grouped":
         return GroupedPlan.eligible(p, dtype)
     if family == "direct":
@@ -114,6 +118,8 @@ def _build(p: ConvParams, dtype: str, dev: DeviceInfo, family: str, precision: s
         return TcPlan.build(p, dtype, precision, dev.sm_count, cc=dev.compute_capability)
     if family == "igemm":
         return IgemmPlan.build(p, dtype, dev.sm_count)
+    if family == "depthwise":
+        return DwPlan.build(p, dtype, dev.sm_count)
     if family == "grouped":
         return GroupedPlan.build(p, dtype, dev.sm_count)
     return DirectPlan.build(p, dtype, dev.sm_count)
@@ -185,6 +191,8 @@ def select(
     if family is None:
         wide = p.C_in_g >= IGEMM_MIN_C_IN_G and p.C_out_g >= IGEMM_MIN_C_OUT_G
         order = ["igemm", "grouped"] if wide else ["grouped", "igemm"]
+        if p.C_in_g == 1:  # the streaming 2x upsampler where it applies (eligible() decides)
+            order.insert(0, "depthwise")
         if (
             p.C_in_g >= TC_MIN_CHANNELS
             and p.C_out_g >= TC_MIN_CHANNELS

@@ -411,7 +411,7 @@ def conv_transpose3d(
     precision : {"highest", "high", "medium"}, optional
         float32 policy on the GPU; ``None`` takes the process default *when the graph is built*
         (workers do not consult their own default).
-    family : {"tc", "igemm", "grouped", "direct"}, optional
+    family : {"tc", "igemm", "depthwise", "grouped", "direct"}, optional
         Pin the GPU kernel family (CuPy chunks only). Without it each slab's problem is
         selected on its own, and slabs of different shapes may get different kernels, so the
         result matches the unchunked call to rounding. With the same family pinned on both

@@ -55,6 +55,7 @@ from cupyconvt._backward_gpu import (
     weight_tiles,
 )
 from cupyconvt._compile import KernelModule
+from cupyconvt._depthwise import dw_module
 from cupyconvt._grouped import grouped_module
 from cupyconvt._igemm import GemmTile, IgemmPlan, igemm_tiles
 from cupyconvt._params import ConvParams
@@ -104,7 +105,7 @@ class Problem:
     dtype: str = "float32"
     layout: str = "NCDHW"  # forward only: how x and the result lie in memory
     precision: str = "highest"
-    #: Forward: force a kernel family ("direct", "grouped", "igemm", "tc"), or None.
+    #: Forward: force a kernel family ("direct", "depthwise", "grouped", "igemm", "tc"), or None.
     family: str | None = None
     #: Forward: force a tile (a TcTile or a GemmTile; the family follows from it).
     tile: Any = None
@@ -566,6 +567,45 @@ def _grouped() -> list[Problem]:
     return out
 
 
+_DW_NAME = re.compile(r"dw2_conv_transpose3d<[^,]+, (\d+), (\d), (\d), (\d)>")
+
+
+def _depthwise() -> list[Problem]:
+    """Every depthwise kernel specialization (taps an axis K, padding parity per axis): padding
+    b or b + 2 an axis, odd and even output widths, a channel multiplier, batch 1, 2 and none,
+    NDHWC, inputs off a 16-byte boundary; columns of one cell (sm_count=None: an H100 spreads a
+    tiny problem over the most blocks) and of the longest (sm_count=0)."""
+    out = []
+    for dt in CPP_TYPE:
+        for i, name in enumerate(dw_module(dt).name_expressions):
+            match = _DW_NAME.match(name)
+            if match is None:
+                raise ValueError(f"unexpected depthwise kernel name {name!r}")
+            k, bd, bh, bw = (int(v) for v in match.groups())
+            pad = (bd + 2 * (i % 2 and k > 2), bh, bw + 2 * (i % 3 == 0 and k > 2))
+            size = (3 + i % 2, 2 + i % 3, 5 + i % 4)
+            mult = 1 + i % 2
+            n = (None, 1, 2)[i % 3]
+            out.append(Problem(
+                f"fwd/depthwise/{_short(dt)}/k{k}_b{bd}{bh}{bw}",
+                ((n,) if n else ()) + (2, *size),
+                2 * mult,
+                (k, k, k),
+                stride=2,
+                padding=pad,
+                output_padding=(i % 2, 0, (i // 2) % 2),
+                groups=2,
+                bias=i % 2 == 0,
+                dtype=dt,
+                layout="NDHWC" if i % 5 == 4 else "NCDHW",
+                x_offset=1 if i % 7 == 3 else 0,
+                family="depthwise",
+                sm_count=0 if i % 4 == 1 else None,
+                kind="depthwise",
+            ))  # fmt: skip
+    return out
+
+
 def _gemm_name(t: GemmTile) -> str:
     return f"{t.BM}x{t.BN}k{t.BK}st{t.STAGES}"
 
@@ -751,7 +791,8 @@ def _backward() -> list[Problem]:
 
 @cache
 def _problems() -> tuple[Problem, ...]:
-    out = _natural() + _direct() + _grouped() + _igemm() + _tc() + _patch() + _backward()
+    out = _natural() + _direct() + _grouped() + _depthwise() + _igemm() + _tc() + _patch()
+    out += _backward()
     big = [pr.name for pr in out if not _small(pr)]
     if big:
         raise ValueError(f"problems with more than {MAX_ELEMENTS} elements in x or out: {big}")

@@ -101,6 +101,13 @@ MEDIUM = [
     Case("m_c80", 2, 8, 80, (4, 4, 5), (3, 3, 3), dict(stride=2, padding=1, output_padding=1)),
     Case("m_asym", 2, 20, 12, (5, 9, 13), (3, 5, 7), dict(stride=(1, 2, 3), padding=(1, 2, 3),
                                                           output_padding=(0, 1, 2))),
+    # The depthwise family's specializations: 2-4 taps, every padding parity, odd output widths
+    # (no paired stores), two w tiles, a channel multiplier, output_padding.
+    Case("m_dw_k3_mult", 2, 6, 12, (9, 7, 37), (3, 3, 3),
+         dict(stride=2, padding=(1, 0, 1), output_padding=(1, 1, 0), groups=6), bias=True),
+    Case("m_dw_k2", 1, 4, 4, (5, 6, 20), (2, 2, 2), dict(stride=2, groups=4)),
+    Case("m_dw_k4_pad", 1, 3, 3, (10, 5, 9), (4, 4, 4), dict(stride=2, padding=(2, 3, 0), groups=3),
+         bias=True),
 ]  # fmt: skip
 
 
@@ -111,6 +118,25 @@ def test_gpu_medium_shapes(case, dtype, family, rng):
     _check_gpu(case, dtype, rng, reference=_cpu_reference, family=family)
 
 
+@pytest.mark.parametrize("dq", [1, 2, 3, 5, 64])
+@pytest.mark.parametrize("case", [c for c in MEDIUM if c.name.startswith("m_dw")], ids=str)
+def test_gpu_depthwise_cells_per_thread(case, dq, rng):
+    """The depthwise kernel with every column length (cells a thread walks along depth): the
+    column ends and the window's reload at each column start."""
+    import cupy
+
+    from cupyconvt._depthwise import DwPlan
+
+    x, w, b = case.arrays(rng, np.float32)
+    p = ConvParams.from_args(x.shape, w.shape, None if b is None else b.shape, **case.kwargs)
+    plan = DwPlan.build(p, "float32", sm_count=132, dq=dq)
+    out = _poisoned(p.out_shape5, np.float32)
+    bd = None if b is None else cupy.asarray(b)
+    plan.launch(cupy.asarray(x).reshape(p.x_shape5), cupy.asarray(w), bd, out)
+    ref = conv_transpose3d_oracle(x, w, b, **case.kwargs).reshape(p.out_shape5)
+    assert rel_err(cupy.asnumpy(out), ref) <= TOL["float32"]
+
+
 @pytest.mark.parametrize("family", [None, "tc"])
 @pytest.mark.parametrize("case", MEDIUM + CASES, ids=str)
 @pytest.mark.parametrize("precision", ["high", "medium"])
@@ -119,7 +145,9 @@ def test_gpu_float32_precisions(case, precision, family, rng):
     _check_gpu(case, "float32", rng, reference=_cpu_reference, family=family, precision=precision)
 
 
-LAYOUT_CASES = [c for c in MEDIUM if c.name in ("m_dense", "m_k4s2", "m_grouped", "m_dilated")]
+LAYOUT_CASES = [
+    c for c in MEDIUM if c.name in ("m_dense", "m_k4s2", "m_grouped", "m_dilated", "m_dw_k3_mult")
+]
 LAYOUT_CASES.append(Case("unbatched_c16", None, 16, 16, (5, 6, 7), (3, 3, 3), dict(stride=2)))
 
 

@@ -41,7 +41,7 @@ import cupyconvt
 from cupyconvt import _backward_gpu as bwd
 from cupyconvt import _gpu
 from cupyconvt._params import ConvParams
-from cupyconvt._select import DeviceInfo, eligible, select
+from cupyconvt._select import FAMILIES, DeviceInfo, eligible, select
 from cupyconvt._tc import TcPlan
 
 MiB, GiB = 2**20, 2**30
@@ -99,6 +99,11 @@ FORWARD = [
     # float32: the kernel stages x by cp.async (the 16-bit types convert through registers).
     Huge("grouped_float32_upsample", "grouped", "float32", (1, 8, 256, 256, 520),
          (8, 1, 4, 4, 4), dict(stride=2, padding=1, groups=8), bias=True),
+    # The streaming 2x upsampler: float32 (paired float2 stores), float16 with a multiplier.
+    Huge("depthwise_upsample", "depthwise", "float32", (1, 8, 256, 256, 520), (8, 1, 4, 4, 4),
+         dict(stride=2, padding=1, groups=8), bias=True),
+    Huge("depthwise_k3_mult2", "depthwise", "float16", (1, 8, 256, 256, 520), (8, 2, 3, 3, 3),
+         dict(stride=2, padding=1, output_padding=1, groups=8)),
     Huge("igemm_k3", "igemm", "float16", (1, 16, 512, 512, 520), (16, 16, 3, 3, 3),
          dict(padding=1), bias=True),
     Huge("igemm_k2s2", "igemm", "float16", (1, 8, 256, 256, 520), (8, 16, 2, 2, 2),
@@ -723,6 +728,8 @@ HUGE_PLANS = [
     (((2**38, 16, 1, 1, 1), (16, 16, 1, 1, 1), {}), {"grouped", "igemm", "tc"}),
     (((2**31, 16, 2, 2, 2), (16, 16, 3, 3, 3), dict(padding=1)), {"grouped"}),
     (((1, 2**31, 1, 1, 1), (2**31, 1, 1, 1, 1), dict(groups=2**31)), {"grouped"}),
+    # An output width of 2^30 + 2: past the depthwise kernel's 32-bit coordinates.
+    (((1, 1, 1, 1, 2**29 + 1), (1, 1, 2, 2, 2), dict(stride=2)), {"depthwise", "grouped"}),
 ]  # fmt: skip
 
 
@@ -737,7 +744,7 @@ def test_selector_refuses_what_a_family_cannot_index(problem, refused, dtype, mo
     chosen = select(p, dtype, H100, None, "medium")
     assert chosen.family not in refused
     _check_grid(chosen)
-    for family in ("tc", "igemm", "grouped", "direct"):
+    for family in FAMILIES:
         if eligible(p, dtype, family, "medium"):
             _check_grid(select(p, dtype, H100, family, "medium"))
 

@@ -44,7 +44,7 @@ MAX_OUT_BACKWARD = 200_000
 MAX_SUM_BACKWARD = 20_000
 
 #: How often each eligible family is forced, relative to the others.
-FORCE_WEIGHT = {"tc": 6, "igemm": 2, "grouped": 2, "direct": 1}
+FORCE_WEIGHT = {"tc": 6, "igemm": 2, "depthwise": 3, "grouped": 2, "direct": 1}
 
 Triple = tuple[int, int, int]
 
@@ -347,12 +347,21 @@ def _draw_geometry(rng: np.random.Generator, op: str) -> dict | None:
     max_size = {"tiny": 5, "small": 12, "medium": 14}[size_class]
     max_k = 3 if medium else 5
     padding_kind = _pick(rng, ("none", "some", "crop"), (35, 50, 15))
+    # Depthwise layers are often 2x upsamplers (stride 2, the same 2-4 taps on every axis,
+    # dilation 1): the depthwise family runs those and nothing else.
+    upsampler = group_kind.startswith("depthwise") and rng.random() < 0.4
+    taps = int(rng.integers(2, 5)) if upsampler else 0
     size, k, s, p, op_, d = [], [], [], [], [], []
     for _ in range(3):
         size.append(int(rng.integers(2 if medium else 1, max_size + 1)))
-        k.append(int(rng.integers(1, max_k + 1)))
-        s.append(_pick(rng, (1, 2, 3, 4), (35, 35, 15, 15)))
-        d.append(_pick(rng, (1, 2, 3), (60, 25, 15)))
+        if upsampler:
+            k.append(taps)
+            s.append(2)
+            d.append(1)
+        else:
+            k.append(int(rng.integers(1, max_k + 1)))
+            s.append(_pick(rng, (1, 2, 3, 4), (35, 35, 15, 15)))
+            d.append(_pick(rng, (1, 2, 3), (60, 25, 15)))
         limit = max(s[-1], d[-1])
         op_.append(0 if rng.random() < 0.5 else int(rng.integers(0, limit)))
         full = (size[-1] - 1) * s[-1] + d[-1] * (k[-1] - 1) + op_[-1] + 1

@@ -386,7 +386,7 @@ ERRORS = [
     (lambda: (_unknown_chunks(), W), {}, ValueError,
      r"x has unknown chunk sizes: call x.compute_chunk_sizes\(\) first"),
     (lambda: (da.zeros((1, 2, 4, 4, 4)), W), {"family": "fast"}, ValueError,
-     r"family='fast' is not one of 'tc', 'igemm', 'grouped', 'direct'"),
+     r"family='fast' is not one of 'tc', 'igemm', 'depthwise', 'grouped', 'direct'"),
     (lambda: (da.zeros((1, 2, 4, 4, 4)), W), {"family": "direct"}, ValueError,
      r"family='direct' pins a GPU kernel family, but x's chunks are NumPy arrays"),
     (lambda: (da.zeros((1, 2, 4, 4, 4)), W), {"precision": "low"}, ValueError,

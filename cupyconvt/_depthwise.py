@@ -2,7 +2,7 @@
 on every axis, 2 to 4 taps an axis (the same on all three), dilation 1 and one input channel a
 group (depthwise, with any channel multiplier).
 
-Each output there reads exactly two inputs an axis, so a thread keeps a small window of the input
+Each output there reads at most two inputs an axis, so a thread keeps a small window of the input
 in registers and walks a column of output cells along depth, storing each cell's eight outputs
 as it goes: no shared-memory tile, no table, and every output written once. The host chooses the
 block shape and how many cells a thread walks (``dq``); the kernel is specialized on the taps an
@@ -35,6 +35,7 @@ DW_MIN_BLOCKS_PER_SM = 16
 
 @cache
 def dw_module(dtype: str) -> KernelModule:
+    """The dtype's 24 specializations: taps an axis (2-4) x the padding parity of each axis."""
     t = CPP_TYPE[dtype]
     names = tuple(
         f"dw2_conv_transpose3d<{t}, {k}, {bd}, {bh}, {bw}>"

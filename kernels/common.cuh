@@ -62,6 +62,19 @@ __device__ __forceinline__ float add_ieee(float a, float b) {
 }
 __device__ __forceinline__ double add_ieee(double a, double b) { return a + b; }
 
+// Two neighbouring outputs as one vector store (p aligned to 2 * sizeof(T)): a warp then writes
+// whole sectors where one phase a store would write every other element.
+template <typename T> __device__ __forceinline__ void store_pair(T* p, T lo, T hi) {
+    if constexpr (sizeof(T) == 2) {
+        u32 v = static_cast<u32>(lo.bits) | (static_cast<u32>(hi.bits) << 16);
+        *reinterpret_cast<u32*>(p) = v;
+    } else if constexpr (sizeof(T) == 4) {
+        *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
+    } else {
+        *reinterpret_cast<double2*>(p) = make_double2(lo, hi);
+    }
+}
+
 // Asynchronous 4- or 8-byte global-to-shared copy (sm_80+), zero-filling the destination when
 // `valid` is false (then nothing is read from `src`). Falls back to a plain load and store on
 // older GPUs. Complete with cp_async_wait_all() and a barrier before reading the destination.

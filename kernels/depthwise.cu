@@ -25,18 +25,6 @@
 
 namespace cct {
 
-// Two neighbouring outputs as one vector store (p aligned to 2 * sizeof(T)).
-template <typename T> __device__ __forceinline__ void store_pair2(T* p, T lo, T hi) {
-    if constexpr (sizeof(T) == 2) {
-        u32 v = static_cast<u32>(lo.bits) | (static_cast<u32>(hi.bits) << 16);
-        *reinterpret_cast<u32*>(p) = v;
-    } else if constexpr (sizeof(T) == 4) {
-        *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
-    } else {
-        *reinterpret_cast<double2*>(p) = make_double2(lo, hi);
-    }
-}
-
 // The 8 staged taps of one output, as vector loads from shared memory. `step` (the cell) is an
 // operand the loads do not use: it makes them differ from cell to cell, so the compiler cannot
 // hoist all 64 taps out of the cell loop into registers (140 registers a thread for float, 236
@@ -188,7 +176,7 @@ dw2_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
                 T* o = oc + static_cast<i64>(od) * oHW + static_cast<i64>(oh) * oW + ow;
                 const T lo = cct::from_acc<T>(acc[0]), hi = cct::from_acc<T>(acc[1]);
                 if (pair_vec && ok_hi) {
-                    cct::store_pair2(o, lo, hi);
+                    cct::store_pair(o, lo, hi);
                 } else {
                     o[0] = lo;
                     if (ok_hi) o[1] = hi;

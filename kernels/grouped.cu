@@ -73,19 +73,6 @@ template <> struct WeightRow<float, 2> {
     }
 };
 
-// Two neighbouring outputs as one vector store (p aligned to 2 * sizeof(T)): a warp then writes
-// whole sectors where one phase a store would write every other element.
-template <typename T> __device__ __forceinline__ void store_pair(T* p, T lo, T hi) {
-    if constexpr (sizeof(T) == 2) {
-        u32 v = static_cast<u32>(lo.bits) | (static_cast<u32>(hi.bits) << 16);
-        *reinterpret_cast<u32*>(p) = v;
-    } else if constexpr (sizeof(T) == 4) {
-        *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
-    } else {
-        *reinterpret_cast<double2*>(p) = make_double2(lo, hi);
-    }
-}
-
 }  // namespace cct
 
 // Three blocks an SM (80 registers) while the accumulators take at most 16 registers, else two.

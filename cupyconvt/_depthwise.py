@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from ._compile import KernelModule, get_launcher
+from ._compile import BASE_OPTIONS, KernelModule, get_launcher
 from ._launch import ptr
 from ._params import ConvParams
 from ._plans import CPP_TYPE, DeviceArray, geometry, on_device
@@ -33,16 +33,30 @@ DW_CELLS = (8, 4, 2, 1)
 DW_MIN_BLOCKS_PER_SM = 16
 
 
+#: Output cells along w a thread of a 16-bit type computes (kernels/depthwise.cu: CCT_DW_CW16;
+#: tests/test_tables.py checks that the two agree): two, so that a lane stores 8 bytes a row and
+#: a warp 256, as float32 does with one cell. float32 and float64 take one.
+DW_CELLS_W16 = 2
+
+
+def dw_cells_w(dtype: str, cw16: int = DW_CELLS_W16) -> int:
+    """Cells along w a thread computes in ``dtype``."""
+    return cw16 if dtype in ("float16", "bfloat16") else 1
+
+
 @cache
-def dw_module(dtype: str) -> KernelModule:
-    """The dtype's 24 specializations: taps an axis (2-4) x the padding parity of each axis."""
+def dw_module(dtype: str, cw16: int = DW_CELLS_W16) -> KernelModule:
+    """The dtype's 24 specializations; a ``cw16`` other than the default builds the 16-bit kernels
+    with that many cells along w (for an A/B in a probe; the runtime never asks for one)."""
     t = CPP_TYPE[dtype]
     names = tuple(
         f"dw2_conv_transpose3d<{t}, {k}, {bd}, {bh}, {bw}>"
         for k in DW_TAPS
         for bd, bh, bw in itertools.product((0, 1), repeat=3)
     )
-    return KernelModule("depthwise.cu", names)
+    if cw16 == DW_CELLS_W16:
+        return KernelModule("depthwise.cu", names)
+    return KernelModule("depthwise.cu", names, (*BASE_OPTIONS, f"-DCCT_DW_CW16={cw16}"))
 
 
 def _cells(p: ConvParams) -> tuple[int, int, int]:
@@ -56,6 +70,7 @@ class DwPlan:
     dtype: str
     block: tuple[int, int, int]
     dq: int
+    cw16: int
     tiles_w: int
     tiles_h: int
     grid: tuple[int, int, int]
@@ -83,12 +98,21 @@ class DwPlan:
         return qd * -(-qh // 2) * -(-qw // 8) < 2**31  # the most tiles of the smallest blocks
 
     @classmethod
-    def build(cls, p: ConvParams, dtype: str, sm_count: int = 0, dq: int | None = None) -> DwPlan:
-        """The plan; ``dq`` (cells a thread walks along depth) is chosen unless given (tests)."""
+    def build(
+        cls,
+        p: ConvParams,
+        dtype: str,
+        sm_count: int = 0,
+        dq: int | None = None,
+        cw16: int = DW_CELLS_W16,
+    ) -> DwPlan:
+        """The plan; ``dq`` (cells a thread walks along depth) is chosen unless given (tests),
+        ``cw16`` (cells along w a 16-bit thread computes) is the kernels' unless given (probes)."""
         qd, qh, qw = _cells(p)
-        bx = 32 if qw > 16 else (16 if qw > 8 else 8)
+        lanes = -(-qw // dw_cells_w(dtype, cw16))  # threads along w
+        bx = 32 if lanes > 16 else (16 if lanes > 8 else 8)
         by = DW_THREADS // bx
-        tiles_w, tiles_h = -(-qw // bx), -(-qh // by)
+        tiles_w, tiles_h = -(-lanes // bx), -(-qh // by)
         planes = p.N * p.C_out
         if dq is None:
             dq = next(
@@ -100,13 +124,13 @@ class DwPlan:
             raise ValueError(f"dq={dq} must be >= 1")
         grid_y = min(planes, 65535)
         grid = (tiles_w * tiles_h * -(-qd // dq), grid_y, -(-planes // grid_y))
-        return cls(p, dtype, (bx, by, 1), dq, tiles_w, tiles_h, grid, geometry(p))
+        return cls(p, dtype, (bx, by, 1), dq, cw16, tiles_w, tiles_h, grid, geometry(p))
 
     def kernels(self) -> list[tuple[KernelModule, str]]:
         bd, bh, bw = (pad % 2 for pad in self.p.padding)
         t, k = CPP_TYPE[self.dtype], self.p.kernel[0]
         name = f"dw2_conv_transpose3d<{t}, {k}, {bd}, {bh}, {bw}>"
-        return [(dw_module(self.dtype), name)]
+        return [(dw_module(self.dtype, self.cw16), name)]
 
     def launch(self, x: Any, w: Any, bias: Any, out: Any) -> None:
         def make() -> tuple:

@@ -9,13 +9,13 @@
 //   out(2q + r) = x(q + a - 1 + e_hi(r)) w(k_hi(r)) + x(q + a - 2 + e_hi(r)) w(k_hi(r) + 2)
 //   e_hi(r) = 1 + (b & r),  k_hi(r) = (r + b) & 1
 //
-// and in 3D a cell's 8 outputs read an E_D x E_H x E_W window of the input. A thread owns a
-// column of cells (fixed n, c, q_h, q_w) and walks DQ of them along d, keeping the window in
-// registers: each step loads one new E_H x E_W plane (the next step's, so its latency overlaps
-// this step's arithmetic and stores), does 8 outputs x at most 8 taps of FMA and stores the 8
-// outputs as 4 pairs along w (one vector store each where the rows are aligned). A warp's lanes
-// are neighbouring cells along w: its loads are three overlapping 128-byte rows (L1 hits after
-// the first), its stores 256 contiguous bytes. The channel's taps are staged in shared memory in
+// and in 3D a cell's 8 outputs read an E_D x E_H x E_W window of the input. A thread owns CW
+// neighbouring cells along w (one for float and double, two for the 16-bit types) and walks DQ
+// cells along d, keeping the window (E_W = CW + 1 + b along w) in registers: each step loads one
+// new E_H x E_W plane (the next step's, so its latency overlaps this step's arithmetic and
+// stores), does 8 CW outputs x at most 8 taps of FMA and stores each row's 2 CW outputs as one
+// vector where the rows are aligned. A warp's lanes are neighbouring cells along w: its loads are
+// overlapping rows (L1 hits after the first), its stores 256 contiguous bytes. The channel's taps are staged in shared memory in
 // the order the cell uses them and read as broadcasts.
 //
 // Global memory sees each output element written once (no atomics, a fixed FMA order: results
@@ -24,6 +24,33 @@
 #include "common.cuh"
 
 namespace cct {
+
+// N = 2 or 4 neighbouring outputs as one vector store (p aligned to N * sizeof(T)).
+template <int N, typename T> __device__ __forceinline__ void store_run(T* p, const T (&v)[N]) {
+    if constexpr (sizeof(T) == 2) {
+        u32 u[N / 2];
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i)
+            u[i] = static_cast<u32>(v[2 * i].bits) | (static_cast<u32>(v[2 * i + 1].bits) << 16);
+        if constexpr (N == 2) *reinterpret_cast<u32*>(p) = u[0];
+        else *reinterpret_cast<uint2*>(p) = make_uint2(u[0], u[1]);
+    } else if constexpr (sizeof(T) == 4) {
+        if constexpr (N == 2) *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+        else *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+        *reinterpret_cast<double2*>(p) = make_double2(v[0], v[1]);
+        if constexpr (N == 4) *reinterpret_cast<double2*>(p + 2) = make_double2(v[2], v[3]);
+    }
+}
+
+// Cells along w a thread (CW): 16-bit types take two, so that a lane stores 8 bytes a row and a
+// warp 256, as float32 does with one. cupyconvt/_depthwise.py: dw_cells_w (tests/test_tables.py).
+#ifndef CCT_DW_CW16
+#define CCT_DW_CW16 2
+#endif
+template <typename T> struct DwCellsW {
+    static constexpr int value = sizeof(T) == 2 ? CCT_DW_CW16 : 1;
+};
 
 // The 8 staged taps of one output, as vector loads from shared memory. `step` (the cell) is an
 // operand the loads do not use: it makes them differ from cell to cell, so the compiler cannot
@@ -62,7 +89,8 @@ dw2_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
                      const T* __restrict__ bias, T* __restrict__ out,
                      const cct::ConvGeom* __restrict__ geom, int tiles_w, int tiles_h, int dq) {
     typedef typename cct::Acc<T>::type Acc;
-    constexpr int ED = 2 + BD, EH = 2 + BH, EW = 2 + BW;
+    constexpr int CW = cct::DwCellsW<T>::value;
+    constexpr int ED = 2 + BD, EH = 2 + BH, EW = CW + 1 + BW;
     constexpr int TAPS = K * K * K;
     // Staged taps: [rd][rh][rw][td][th][tw], td = 0 the newest input's tap, 1 the older one's.
     __shared__ __align__(16) Acc w_s[64];
@@ -93,7 +121,8 @@ dw2_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
     const int tw_i = blockIdx.x % tiles_w;
     const int th_i = (blockIdx.x / tiles_w) % tiles_h;
     const int cd = blockIdx.x / (tiles_w * tiles_h);
-    const int qw = tw_i * blockDim.x + threadIdx.x, qh = th_i * blockDim.y + threadIdx.y;
+    const int qw = (tw_i * blockDim.x + threadIdx.x) * CW;  // the thread's first cell along w
+    const int qh = th_i * blockDim.y + threadIdx.y;
     const int qd0 = cd * dq;
     if (qw >= QW || qh >= QH || qd0 >= QD) return;  // no barrier follows
     const int cells = min(dq, QD - qd0);
@@ -133,9 +162,10 @@ dw2_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
     const Acc bv = has_bias ? cct::to_acc(bias[co]) : Acc(0);
     const i64 oHW = static_cast<i64>(oH) * oW;
     T* oc = out + plane * (static_cast<i64>(oD) * oHW);
-    const bool pair_vec = oW % 2 == 0 && reinterpret_cast<u64>(out) % (2 * sizeof(T)) == 0;
+    constexpr int RUN = 2 * CW;  // outputs a thread writes along a row
     const int ow = 2 * qw;
-    const bool ok_hi = ow + 1 < oW;
+    const bool run_vec = oW % RUN == 0 && reinterpret_cast<u64>(out) % (RUN * sizeof(T)) == 0 &&
+                         ow + RUN <= oW;
 
     const u32 ws_addr = cct::smem_addr(w_s);
     for (int c = 0; c < cells; ++c) {
@@ -148,38 +178,46 @@ dw2_conv_transpose3d(const T* __restrict__ x, const T* __restrict__ w,
 #pragma unroll
             for (int rh = 0; rh < 2; ++rh) {
                 const int oh = 2 * qh + rh;
-                Acc acc[2];
+                Acc acc[CW][2];
 #pragma unroll
                 for (int rw = 0; rw < 2; ++rw) {
-                    acc[rw] = Acc(0);
                     Acc ws[8];
-                    cct::Taps8<Acc>::load(ws_addr + ((rd * 2 + rh) * 2 + rw) * 8 * sizeof(Acc), c, ws);
+                    const u32 taps_at = ws_addr + ((rd * 2 + rh) * 2 + rw) * 8 * sizeof(Acc);
+                    cct::Taps8<Acc>::load(taps_at, c, ws);
 #pragma unroll
-                    for (int td = 0; td < 2; ++td)
+                    for (int cw = 0; cw < CW; ++cw) {
+                        acc[cw][rw] = Acc(0);
 #pragma unroll
-                        for (int th = 0; th < 2; ++th)
+                        for (int td = 0; td < 2; ++td)
 #pragma unroll
-                            for (int tw = 0; tw < 2; ++tw) {
-                                if (cct::dw_k_hi(BD, rd) + 2 * td >= K ||
-                                    cct::dw_k_hi(BH, rh) + 2 * th >= K ||
-                                    cct::dw_k_hi(BW, rw) + 2 * tw >= K)
-                                    continue;  // no such tap (compile time)
-                                const Acc xv = win[cct::dw_e_hi(BD, rd) - td]
-                                                  [cct::dw_e_hi(BH, rh) - th]
-                                                  [cct::dw_e_hi(BW, rw) - tw];
-                                acc[rw] = cct::fma_ieee(xv, ws[(td * 2 + th) * 2 + tw], acc[rw]);
-                            }
-                    // The bias only where there is one: adding a zero would turn -0 into +0.
-                    if (has_bias) acc[rw] = cct::add_ieee(acc[rw], bv);
+                            for (int th = 0; th < 2; ++th)
+#pragma unroll
+                                for (int tw = 0; tw < 2; ++tw) {
+                                    if (cct::dw_k_hi(BD, rd) + 2 * td >= K ||
+                                        cct::dw_k_hi(BH, rh) + 2 * th >= K ||
+                                        cct::dw_k_hi(BW, rw) + 2 * tw >= K)
+                                        continue;  // no such tap (compile time)
+                                    const Acc xv = win[cct::dw_e_hi(BD, rd) - td]
+                                                      [cct::dw_e_hi(BH, rh) - th]
+                                                      [cct::dw_e_hi(BW, rw) + cw - tw];
+                                    acc[cw][rw] = cct::fma_ieee(xv, ws[(td * 2 + th) * 2 + tw],
+                                                                acc[cw][rw]);
+                                }
+                        // The bias only where there is one: adding a zero would turn -0 into +0.
+                        if (has_bias) acc[cw][rw] = cct::add_ieee(acc[cw][rw], bv);
+                    }
                 }
                 if (od >= oD || oh >= oH) continue;
                 T* o = oc + static_cast<i64>(od) * oHW + static_cast<i64>(oh) * oW + ow;
-                const T lo = cct::from_acc<T>(acc[0]), hi = cct::from_acc<T>(acc[1]);
-                if (pair_vec && ok_hi) {
-                    cct::store_pair(o, lo, hi);
+                T v[RUN];
+#pragma unroll
+                for (int j = 0; j < RUN; ++j) v[j] = cct::from_acc<T>(acc[j >> 1][j & 1]);
+                if (run_vec) {
+                    cct::store_run<RUN>(o, v);
                 } else {
-                    o[0] = lo;
-                    if (ok_hi) o[1] = hi;
+#pragma unroll
+                    for (int j = 0; j < RUN; ++j)
+                        if (ow + j < oW) o[j] = v[j];
                 }
             }
         }

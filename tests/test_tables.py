@@ -14,6 +14,7 @@ from cases import CASES
 from oracle import TOL, conv_transpose3d_oracle, rel_err
 
 from cupyconvt._compile import kernel_dir
+from cupyconvt._depthwise import DW_CELLS_W16
 from cupyconvt._grouped import DEPTH_INNER_VQ, GH_SIZE, ROW_HDR, GroupedPlan
 from cupyconvt._params import ConvParams
 from cupyconvt._plans import PHASE_HDR, phase_table
@@ -162,3 +163,5 @@ def test_host_constants_match_the_kernels():
     assert const(grouped, r"GH_SIZE = (\d+)") == GH_SIZE
     assert const(common, r"enum \{ PHASE_HDR = (\d+) \}") == PHASE_HDR
     assert "constexpr bool DIN = VQ >= cct::DEPTH_INNER_VQ;" in grouped
+    depthwise = (kernel_dir() / "depthwise.cu").read_text(encoding="utf-8")
+    assert const(depthwise, r"#define CCT_DW_CW16 (\d+)") == DW_CELLS_W16

@@ -84,6 +84,10 @@ def ptr(a: Any) -> int:
     return int(data.ptr)
 
 
+#: CUresult of a driver call made with no current context.
+_CUDA_ERROR_INVALID_CONTEXT = 201
+
+
 class Launcher:
     """One kernel on the current device, launched with arguments packed by its signature."""
 
@@ -122,5 +126,18 @@ class Launcher:
         struct.pack_into(self.fmt, buf, 0, *args)
         # The driver copies the parameter values when the launch is queued, so the buffer can
         # be reused at once (per thread: another thread may be packing its own launch).
-        driver.launchKernel(self.ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                            shared_mem, get_current_stream().ptr, params, 0)  # fmt: skip
+        launch = (self.ptr, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_mem,
+                  get_current_stream().ptr, params, 0)  # fmt: skip
+        try:
+            driver.launchKernel(*launch)
+        except driver.CUDADriverError as e:
+            status = getattr(e, "status", None)
+            if status != _CUDA_ERROR_INVALID_CONTEXT and "INVALID_CONTEXT" not in str(e):
+                raise
+            # A thread whose first CUDA work is this launch has no current context: CuPy's pool
+            # hands out cached memory and cudaGetDevice binds none (a dask worker thread, H100,
+            # 2026-12-07). cudaSetDevice makes the device's primary context current.
+            from cupy.cuda import runtime
+
+            runtime.setDevice(runtime.getDevice())
+            driver.launchKernel(*launch)

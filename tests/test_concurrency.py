@@ -140,6 +140,27 @@ def test_threads_with_own_streams_match_serial(rng):
     assert len(results) == THREADS * ROUNDS * len(made)
 
 
+def test_first_cuda_work_of_a_thread(rng):
+    """A thread whose first CUDA work is a cupyconvt call: CuPy's pool hands out cached memory
+    and cudaGetDevice binds no context, so the launch itself must make the device's context
+    current (a dask worker thread failed with CUDA_ERROR_INVALID_CONTEXT without it)."""
+    import cupy
+
+    made = _inputs(rng)
+    serial = _serial(made)  # compiles and loads every kernel, and leaves the results' memory
+    results, contexts = {}, []  # in CuPy's pool for the thread's allocations
+
+    def work(_: int) -> None:
+        contexts.append(cupy.cuda.driver.ctxGetCurrent())
+        for i, (case, _, _, (x, w, b)) in enumerate(made):
+            results[i] = cupy.asnumpy(cupyconvt.conv_transpose3d(x, w, b, **case.kwargs))
+
+    _run_threads(work, 1)
+    print("current context at the thread's start:", contexts)
+    for i in range(len(made)):
+        assert results[i].tobytes() == serial[i].tobytes(), f"{made[i][0]}"
+
+
 def test_one_thread_many_streams_match_serial(rng):
     """Launches spread over four streams with no synchronization between them."""
     import cupy

@@ -85,3 +85,49 @@ def test_ptr_of_none_and_of_objects_with_data():
     assert _launch.ptr(None) == 0
     assert _launch.ptr(Arr()) == 4096
     assert _launch.ptr(Mem()) == 4096
+
+
+def _fake_cupy(monkeypatch, fail_with):
+    """A stand-in for ``cupy.cuda`` whose first launchKernel raises ``fail_with`` (a status)."""
+    import sys
+    import types
+
+    calls = []
+
+    class CUDADriverError(RuntimeError):
+        def __init__(self, status):
+            super().__init__(f"status {status}")
+            self.status = status
+
+    def launch_kernel(*args):
+        calls.append(("launch", args[0]))
+        if sum(c[0] == "launch" for c in calls) == 1:
+            raise CUDADriverError(fail_with)
+
+    driver = types.SimpleNamespace(CUDADriverError=CUDADriverError, launchKernel=launch_kernel)
+    runtime = types.SimpleNamespace(getDevice=lambda: 3,
+                                    setDevice=lambda d: calls.append(("setDevice", d)))  # fmt: skip
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.driver, cuda.runtime = driver, runtime
+    cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=0)
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = cuda
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    fn = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=1234))
+    return _launch.Launcher(fn, "pi"), calls, CUDADriverError
+
+
+def test_launch_without_a_current_context_binds_one_and_retries(monkeypatch):
+    """CUDA_ERROR_INVALID_CONTEXT (a thread whose first CUDA work is the launch): the launcher
+    makes the current device's primary context current (cudaSetDevice) and launches again."""
+    launcher, calls, _ = _fake_cupy(monkeypatch, _launch._CUDA_ERROR_INVALID_CONTEXT)
+    launcher((1, 1, 1), (32, 1, 1), (0, 7))
+    assert calls == [("launch", 1234), ("setDevice", 3), ("launch", 1234)]
+
+
+def test_other_launch_errors_are_raised(monkeypatch):
+    launcher, calls, error = _fake_cupy(monkeypatch, 1)  # CUDA_ERROR_INVALID_VALUE
+    with pytest.raises(error):
+        launcher((1, 1, 1), (32, 1, 1), (0, 7))
+    assert calls == [("launch", 1234)]

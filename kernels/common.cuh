@@ -62,17 +62,29 @@ __device__ __forceinline__ float add_ieee(float a, float b) {
 }
 __device__ __forceinline__ double add_ieee(double a, double b) { return a + b; }
 
-// Two neighbouring outputs as one vector store (p aligned to 2 * sizeof(T)): a warp then writes
-// whole sectors where one phase a store would write every other element.
-template <typename T> __device__ __forceinline__ void store_pair(T* p, T lo, T hi) {
+// N = 2 or 4 neighbouring outputs as one vector store (p aligned to N * sizeof(T)): a warp then
+// writes whole sectors where one phase a store would write every other element.
+template <int N, typename T> __device__ __forceinline__ void store_run(T* p, const T (&v)[N]) {
     if constexpr (sizeof(T) == 2) {
-        u32 v = static_cast<u32>(lo.bits) | (static_cast<u32>(hi.bits) << 16);
-        *reinterpret_cast<u32*>(p) = v;
+        u32 u[N / 2];
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i)
+            u[i] = static_cast<u32>(v[2 * i].bits) | (static_cast<u32>(v[2 * i + 1].bits) << 16);
+        if constexpr (N == 2) *reinterpret_cast<u32*>(p) = u[0];
+        else *reinterpret_cast<uint2*>(p) = make_uint2(u[0], u[1]);
     } else if constexpr (sizeof(T) == 4) {
-        *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
+        if constexpr (N == 2) *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+        else *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
     } else {
-        *reinterpret_cast<double2*>(p) = make_double2(lo, hi);
+        *reinterpret_cast<double2*>(p) = make_double2(v[0], v[1]);
+        if constexpr (N == 4) *reinterpret_cast<double2*>(p + 2) = make_double2(v[2], v[3]);
     }
+}
+
+// Two neighbouring outputs as one vector store (p aligned to 2 * sizeof(T)).
+template <typename T> __device__ __forceinline__ void store_pair(T* p, T lo, T hi) {
+    const T v[2] = {lo, hi};
+    store_run<2>(p, v);
 }
 
 // Asynchronous 4- or 8-byte global-to-shared copy (sm_80+), zero-filling the destination when

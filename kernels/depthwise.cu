@@ -15,8 +15,8 @@
 // new E_H x E_W plane (the next step's, so its latency overlaps this step's arithmetic and
 // stores), does 8 CW outputs x at most 8 taps of FMA and stores each row's 2 CW outputs as one
 // vector where the rows are aligned. A warp's lanes are neighbouring cells along w: its loads are
-// overlapping rows (L1 hits after the first), its stores 256 contiguous bytes. The channel's taps are staged in shared memory in
-// the order the cell uses them and read as broadcasts.
+// overlapping rows (L1 hits after the first), its stores 256 contiguous bytes. The channel's
+// taps are staged in shared memory in the order the cell uses them and read as broadcasts.
 //
 // Global memory sees each output element written once (no atomics, a fixed FMA order: results
 // are deterministic) and each input element read about once from DRAM (the halo rows of
@@ -24,24 +24,6 @@
 #include "common.cuh"
 
 namespace cct {
-
-// N = 2 or 4 neighbouring outputs as one vector store (p aligned to N * sizeof(T)).
-template <int N, typename T> __device__ __forceinline__ void store_run(T* p, const T (&v)[N]) {
-    if constexpr (sizeof(T) == 2) {
-        u32 u[N / 2];
-#pragma unroll
-        for (int i = 0; i < N / 2; ++i)
-            u[i] = static_cast<u32>(v[2 * i].bits) | (static_cast<u32>(v[2 * i + 1].bits) << 16);
-        if constexpr (N == 2) *reinterpret_cast<u32*>(p) = u[0];
-        else *reinterpret_cast<uint2*>(p) = make_uint2(u[0], u[1]);
-    } else if constexpr (sizeof(T) == 4) {
-        if constexpr (N == 2) *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
-        else *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-    } else {
-        *reinterpret_cast<double2*>(p) = make_double2(v[0], v[1]);
-        if constexpr (N == 4) *reinterpret_cast<double2*>(p + 2) = make_double2(v[2], v[3]);
-    }
-}
 
 // Cells along w a thread (CW): 16-bit types take two, so that a lane stores 8 bytes a row and a
 // warp 256, as float32 does with one. cupyconvt/_depthwise.py: dw_cells_w (tests/test_tables.py).

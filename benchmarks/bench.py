@@ -386,9 +386,9 @@ def _cell(r: dict, key: str, fmt: str) -> str:
     return f"{100 * r[key]:.0f}%" if fmt == "percent" else fmt.format(r[key])
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown table of the rows; the columns of OPTIONAL only where some row has them."""
-    cols = [c for c in COLUMNS if c[1] not in OPTIONAL or any(c[1] in r for r in rows)]
+def table(rows: list[dict], columns: tuple = COLUMNS, optional: frozenset = OPTIONAL) -> str:
+    """Markdown table of the rows; the columns of ``optional`` only where some row has them."""
+    cols = [c for c in columns if c[1] not in optional or any(c[1] in r for r in rows)]
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r, k, fmt) for _, k, fmt in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -431,7 +431,8 @@ def progress(r: dict) -> str:
     return f"{text} {fams}" if fams else text
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str, other: str = "cuDNN") -> None:
+    """Speedup over ``other`` and the fraction of the roofline floor, per case."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -443,11 +444,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax1.barh(y, [r["speedup"] for r in rows], color="tab:green")
     ax1.axvline(1, color="k", lw=1)
     ax1.set_xscale("log")
-    ax1.set_xlabel("speedup over cuDNN (log)")
+    ax1.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))  # 0.5x, 1x, 2x, 4x, ...
+    ax1.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax1.set_xlabel(f"speedup over {other} (log)")
     ax1.set_yticks(y, names)
     ax1.invert_yaxis()
     ax2.barh(y - 0.2, [100 * r["of_floor"] for r in rows], 0.4, label="cupyconvt")
-    ax2.barh(y + 0.2, [100 * r["torch_of_floor"] for r in rows], 0.4, label="cuDNN")
+    ax2.barh(y + 0.2, [100 * r["torch_of_floor"] for r in rows], 0.4, label=other)
     ax2.set_xlabel("% of roofline floor (higher is better)")
     ax2.legend(loc="lower right")
     fig.suptitle(title)

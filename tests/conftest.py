@@ -39,6 +39,17 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
+@pytest.fixture(params=["phases", "scatter"])
+def cpu_path(request, monkeypatch):
+    """Run a CPU-backend test through each of ``_cpu.py``'s two algorithms, whatever its size
+    rule would pick: the phase products (where the weights are finite) and the tap-by-tap
+    scatter."""
+    from cupyconvt import _cpu
+
+    monkeypatch.setattr(_cpu, "_phases_pay", lambda p: request.param == "phases")
+    return request.param
+
+
 def gpu_available() -> bool:
     try:
         import cupy

@@ -11,8 +11,9 @@ inputs and the guard elements around ``out`` untouched, and on the GPU repeat bi
   kernel family where the problem names one. ``CUPYCONVT_FUZZ_COUNT`` problems (300 by default;
   2000 or more for a release). Marked ``gpu``.
 - ``test_fuzz_cpu``: the same problems on the CPU backend (NumPy, torch CPU tensors),
-  ``CUPYCONVT_FUZZ_COUNT_CPU`` of them (150 by default). The float32 precision is ignored there,
-  so float32 is held to the float32 bar at every precision.
+  ``CUPYCONVT_FUZZ_COUNT_CPU`` of them (150 by default), each through both of the backend's
+  algorithms (the ``cpu_path`` fixture). The float32 precision is ignored there, so float32 is
+  held to the float32 bar at every precision.
 - ``CUPYCONVT_FUZZ_INDICES=17,1234`` runs those problems only (what a failure's repro line says);
   ``0:1000`` and ``1000:2000`` split a long run in parts.
 - ``CUPYCONVT_FUZZ_SEED`` picks another set of problems (default ``fuzz.DEFAULT_SEED``).
@@ -290,7 +291,7 @@ def test_fuzz_gpu(index):
 
 
 @pytest.mark.parametrize("index", CPU_INDICES, ids=fuzz.test_id)
-def test_fuzz_cpu(index):
+def test_fuzz_cpu(index, cpu_path):
     prob = fuzz.problem(SEED, index)
     if prob.dtype == "bfloat16":
         need("ml_dtypes", "ml_dtypes")

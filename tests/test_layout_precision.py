@@ -62,7 +62,7 @@ def test_layout_cases_cover_every_argument():
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("with_out", [False, True], ids=["alloc", "out"])
-def test_ndhwc_matches_ncdhw_and_oracle(case: Case, dtype, with_out, rng):
+def test_ndhwc_matches_ncdhw_and_oracle(case: Case, dtype, with_out, rng, cpu_path):
     x, w, b = case.arrays(rng, np.dtype(dtype))
     x_last = _to_ndhwc(x)
     ref = conv_transpose3d_oracle(x, w, b, **case.kwargs)
@@ -81,7 +81,7 @@ def test_ndhwc_matches_ncdhw_and_oracle(case: Case, dtype, with_out, rng):
     np.testing.assert_array_equal(_to_ncdhw(got), ncdhw)
 
 
-def test_ndhwc_non_contiguous_input(rng):
+def test_ndhwc_non_contiguous_input(rng, cpu_path):
     x = rng.standard_normal((2, 5, 8, 4, 6))[:, :, ::2, :, ::2]  # (N, D, H, W, C) with strides
     w = rng.standard_normal((3, 2, 3, 2, 3))
     assert not x.flags.c_contiguous
@@ -210,7 +210,7 @@ def test_precision_does_not_change_cpu_results(layout, default_precision, rng):
 
 @pytest.mark.parametrize("case", [c for c in LAYOUT_CASES if c.N is not None], ids=str)
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
-def test_torch_channels_last_3d(case: Case, dtype, rng):
+def test_torch_channels_last_3d(case: Case, dtype, rng, cpu_path):
     torch = need("torch", "torch")
     tdt = getattr(torch, dtype)
     x, w, b = (None if a is None else torch.from_numpy(a).to(tdt) for a in case.arrays(rng))

@@ -114,7 +114,7 @@ def _check(
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("case", SPECIAL_CASES, ids=str)
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
-def test_cpu_special_values(case, dtype, target, rng):
+def test_cpu_special_values(case, dtype, target, rng, cpu_path):
     dt = _np_dtype(dtype)
     x, w, b = _arrays(case, target, dt, rng)
     ref = conv_transpose3d_oracle(x, w, b, **case.kwargs)

@@ -6,21 +6,22 @@ The forward adds ``x[n, ci, i] * w[ci, j, k]`` to ``out[n, g*C_out_g + j, i*s - 
 output; for a tap ``k`` the strided window ``frame[..., k*dil + i*s]`` then holds
 ``grad_out[n, co, i*s - p + k*dil]`` for every input voxel ``i``, and zero where that position
 lies outside the output. With ``X[g]`` the input channels of a group as rows
-(``C_in_g x N*D*H*W``) and ``Y[g]`` the window (``C_out_g x N*D*H*W``), per tap:
+(``C_in_g x N*D*H*W``) and ``Y[g]`` the window (``C_out_g x N*D*H*W``):
 
-    grad_input[g]             += W_tap[g] (C_in_g x C_out_g) @ Y[g]
-    grad_weight[g, :, :, tap]  = X[g] @ Y[g].T                        (C_in_g x C_out_g)
+    grad_input[g]              = sum over taps of W_tap[g] (C_in_g x C_out_g) @ Y_tap[g]
+    grad_weight[g, :, :, tap]  = X[g] @ Y_tap[g].T                        (C_in_g x C_out_g)
 
-grad_input is the strided convolution ``conv3d(grad_out, w, stride, padding, dilation, groups)``
-written as a sum over taps. The Python loop runs over taps only; taps are visited in one fixed
-order, so results are the same run to run. float16 and bfloat16 are computed in float32 and
-rounded once at the end, like the forward (``_cpu.py``); ``precision`` is accepted for the GPU
-backend's signature and ignored (IEEE float32, or float64).
+grad_input is the strided convolution ``conv3d(grad_out, w, stride, padding, dilation, groups)``.
+The windows of all taps are one strided view of the frame; block by block of input rows, it is
+copied once with every tap's window stacked (im2col) and serves both gradients (``_blocks``),
+grad_weight summed over the blocks in order. The order of every sum is fixed, so results are
+the same run to run, and one call for both gradients is bitwise equal to two calls for one
+each. float16 and bfloat16 are computed in float32 and rounded once at the end, like the
+forward (``_cpu.py``); ``precision`` is accepted for the GPU backend's signature and ignored
+(IEEE float32, or float64).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -48,25 +49,6 @@ def _frame(gy: np.ndarray, p: ConvParams, acc: np.dtype) -> np.ndarray:
     return frame
 
 
-def _windows(frame: np.ndarray, p: ConvParams) -> Iterator[tuple[int, np.ndarray]]:
-    """Per tap, in ``w``'s (kD, kH, kW) order: the tap index and ``Y`` (G, C_out_g, N*D*H*W)."""
-    G, cog, N = p.groups, p.C_out_g, p.N
-    D, H, W = p.in_size
-    sd, sh, sw = p.stride
-    dd, dh, dw = p.dilation
-    for tap, (kd, kh, kw) in enumerate(np.ndindex(*p.kernel)):
-        d0, h0, w0 = kd * dd, kh * dh, kw * dw
-        window = frame[
-            :,
-            :,
-            :,
-            d0 : d0 + (D - 1) * sd + 1 : sd,
-            h0 : h0 + (H - 1) * sh + 1 : sh,
-            w0 : w0 + (W - 1) * sw + 1 : sw,
-        ]
-        yield tap, window.reshape(G, cog, N * D * H * W)  # a copy: the window is strided
-
-
 def _x_rows(x: np.ndarray, p: ConvParams, acc: np.dtype) -> np.ndarray:
     """``x`` as ``(G, C_in_g, N*D*H*W)`` in ``acc``: a group's channels as rows."""
     G, cig, N = p.groups, p.C_in_g, p.N
@@ -75,11 +57,64 @@ def _x_rows(x: np.ndarray, p: ConvParams, acc: np.dtype) -> np.ndarray:
     return x4.astype(acc, copy=True).reshape(G, cig, N * D * H * W)
 
 
-def _w_taps(w: np.ndarray, p: ConvParams, acc: np.dtype) -> np.ndarray:
-    """``w`` as ``(taps, G, C_in_g, C_out_g)`` in ``acc``: per tap, each group's block."""
-    G, cig, cog = p.groups, p.C_in_g, p.C_out_g
+def _blocks(
+    frame: np.ndarray,
+    p: ConvParams,
+    acc: np.dtype,
+    w: np.ndarray | None = None,
+    x: np.ndarray | None = None,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """grad_input as ``(G, C_in_g, N*D*H*W)`` (given ``w``) and grad_weight as
+    ``(G, C_in_g, taps*C_out_g)`` (given ``x``), from one pass over blocks of input voxels.
+
+    The windows of all taps are one strided view of ``frame``, ``(G, taps, C_out_g, N, D, H, W)``.
+    Per block of ``(n, d)`` rows (about ``_cpu.BLOCK_ELEMENTS`` elements of it) it is copied once
+    (im2col, ``cols``: ``taps*C_out_g x voxels`` a group) and serves both gradients:
+    ``grad_input = W (C_in_g x taps*C_out_g) @ cols`` and ``grad_weight += X @ cols.T``, blocks
+    added in order. (Tap by tap over the whole volume, grad_input took ``taps`` passes over its
+    result and each window was copied once for each gradient.)
+    """
+    from ._cpu import BLOCK_ELEMENTS, _Scratch
+
+    G, cig, cog, N = p.groups, p.C_in_g, p.C_out_g, p.N
+    D, H, W = p.in_size
     taps = p.kernel[0] * p.kernel[1] * p.kernel[2]
-    return np.asarray(w).reshape(G, cig, cog, taps).transpose(3, 0, 1, 2).astype(acc, copy=True)
+    st = frame.strides  # (G, C_out_g, N, fD, fH, fW)
+    tap_strides = tuple(p.dilation[a] * st[3 + a] for a in range(3))
+    step_strides = tuple(p.stride[a] * st[3 + a] for a in range(3))
+    gx = wt = gw = xr = None
+    if w is not None:
+        # (G, C_in_g, taps*C_out_g), columns tap-major as the windows
+        wt = np.asarray(w).reshape(G, cig, cog, taps).transpose(0, 1, 3, 2).astype(acc)
+        wt = wt.reshape(G, cig, taps * cog)
+        gx = np.empty((G, cig, N, D, H, W), dtype=acc)
+    if x is not None:
+        xr = _x_rows(x, p, acc).reshape(G, cig, N, D, H, W)
+        gw = np.zeros((G, cig, taps * cog), dtype=acc)
+    row = G * max(taps * cog, cig) * H * W  # elements of the buffers per (n, d) row
+    rows = max(1, BLOCK_ELEMENTS // row)
+    scratch = _Scratch(acc)
+    for n0 in range(N):
+        for d0 in range(0, D, rows):
+            d1 = min(d0 + rows, D)
+            start = frame[:, :, n0, d0 * p.stride[0] :]
+            view = np.lib.stride_tricks.as_strided(
+                start,
+                (G, *p.kernel, cog, d1 - d0, H, W),
+                (st[0], *tap_strides, st[1], *step_strides),
+            )
+            cols = scratch.take("cols", view.shape)
+            np.copyto(cols, view)
+            cols = cols.reshape(G, taps * cog, -1)
+            if gx is not None:
+                res = scratch.take("res", (G, cig, cols.shape[2]))
+                np.matmul(wt, cols, out=res)
+                gx[:, :, n0, d0:d1] = res.reshape(G, cig, d1 - d0, H, W)
+            if gw is not None:
+                xb = xr[:, :, n0, d0:d1].reshape(G, cig, -1)
+                gw += np.matmul(xb, cols.transpose(0, 2, 1))
+    gx = None if gx is None else gx.reshape(G, cig, N * D * H * W)
+    return gx, gw
 
 
 def _input_from_rows(gx: np.ndarray, p: ConvParams, dtype: np.dtype) -> np.ndarray:
@@ -91,10 +126,11 @@ def _input_from_rows(gx: np.ndarray, p: ConvParams, dtype: np.dtype) -> np.ndarr
     return out
 
 
-def _weight_from_taps(gw: np.ndarray, p: ConvParams, dtype: np.dtype) -> np.ndarray:
-    """``(taps, G, C_in_g, C_out_g)`` back to a C-contiguous ``(C_in, C_out_g, kD, kH, kW)``."""
-    out = np.empty((p.C_in, p.C_out_g, *p.kernel), dtype=dtype)
-    out.reshape(p.groups, p.C_in_g, p.C_out_g, -1)[...] = gw.transpose(1, 2, 3, 0)
+def _weight_from_blocks(gw: np.ndarray, p: ConvParams, dtype: np.dtype) -> np.ndarray:
+    """``(G, C_in_g, taps*C_out_g)`` back to a C-contiguous ``(C_in, C_out_g, kD, kH, kW)``."""
+    G, cig, cog = p.groups, p.C_in_g, p.C_out_g
+    out = np.empty((p.C_in, cog, *p.kernel), dtype=dtype)
+    out.reshape(G, cig, cog, -1)[...] = gw.reshape(G, cig, -1, cog).transpose(0, 1, 3, 2)
     return out
 
 
@@ -107,15 +143,8 @@ def input_and_weight(
     """
     dtype = gy.dtype
     acc = compute_dtype(dtype_name(dtype))
-    frame = _frame(gy, p, acc)
-    wt = _w_taps(w, p, acc)
-    xr = _x_rows(x, p, acc)
-    gx = np.zeros(xr.shape, dtype=acc)
-    gw = np.empty(wt.shape, dtype=acc)
-    for tap, y in _windows(frame, p):
-        gx += np.matmul(wt[tap], y)
-        gw[tap] = np.matmul(xr, y.transpose(0, 2, 1))
-    return _input_from_rows(gx, p, dtype), _weight_from_taps(gw, p, dtype)
+    gx, gw = _blocks(_frame(gy, p, acc), p, acc, w=w, x=x)
+    return _input_from_rows(gx, p, dtype), _weight_from_blocks(gw, p, dtype)
 
 
 def grad_input(
@@ -141,11 +170,7 @@ def grad_input(
     """
     dtype = gy.dtype
     acc = compute_dtype(dtype_name(dtype))
-    frame = _frame(gy, p, acc)
-    wt = _w_taps(w, p, acc)
-    gx = np.zeros((p.groups, p.C_in_g, p.N * p.in_size[0] * p.in_size[1] * p.in_size[2]), acc)
-    for tap, y in _windows(frame, p):
-        gx += np.matmul(wt[tap], y)
+    gx, _ = _blocks(_frame(gy, p, acc), p, acc, w=w)
     return _input_from_rows(gx, p, dtype)
 
 
@@ -172,13 +197,8 @@ def grad_weight(
     """
     dtype = gy.dtype
     acc = compute_dtype(dtype_name(dtype))
-    frame = _frame(gy, p, acc)
-    xr = _x_rows(x, p, acc)
-    taps = p.kernel[0] * p.kernel[1] * p.kernel[2]
-    gw = np.empty((taps, p.groups, p.C_in_g, p.C_out_g), dtype=acc)
-    for tap, y in _windows(frame, p):
-        gw[tap] = np.matmul(xr, y.transpose(0, 2, 1))
-    return _weight_from_taps(gw, p, dtype)
+    _, gw = _blocks(_frame(gy, p, acc), p, acc, x=x)
+    return _weight_from_blocks(gw, p, dtype)
 
 
 def grad_bias(gy: np.ndarray, p: ConvParams) -> np.ndarray:

@@ -110,6 +110,18 @@ def test_gradients_match_naive_loop(case, rng):
     _check(got, backward_oracle(gy, x, w, **case.kwargs), x, w, "float64")
 
 
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_gradients_in_blocks_of_one_row(case, rng, monkeypatch):
+    """The gradients' im2col blocks (``_backward_cpu._blocks``) one input row of depth at a
+    time: grad_weight summed over many blocks, grad_input written block by block."""
+    from cupyconvt import _cpu
+
+    monkeypatch.setattr(_cpu, "BLOCK_ELEMENTS", 1)
+    gy, x, w = _problem(case, rng)
+    got = cupyconvt.conv_transpose3d_backward(gy, x, w, **case.kwargs)
+    _check(got, backward_oracle(gy, x, w, **case.kwargs), x, w, "float64")
+
+
 HALF_CASES = [c for c in CASES if c.name in ("plain_k3", "stride2", "groups_strided", "depthwise",
                                              "unbatched", "everything")]  # fmt: skip
 

@@ -28,6 +28,20 @@ def array_kind(a: object) -> str:
     return "other"
 
 
+def _check_out_apart(out: Any, inputs: list[tuple[str, Any]]) -> None:
+    """Refuse a NumPy ``out`` whose memory reaches into an input's: the CPU backend writes the
+    result block by block while it still reads the inputs (x in place where it needs no zero
+    frame), so an overlap would give a wrong answer, not an in-place one. Bounds are compared
+    (``np.may_share_memory``), so an ``out`` lying only in the gaps of a strided input is
+    refused too."""
+    for name, a in inputs:
+        if np.may_share_memory(out, a):
+            raise ValueError(
+                f"out overlaps {name} in memory: the result would overwrite {name} while it is "
+                "still read; pass an out of its own (or none)"
+            )
+
+
 def _check_arrays(x: Any, w: Any, bias: Any, out: Any) -> str:
     kind = array_kind(x)
     if kind not in ("numpy", "cupy"):
@@ -145,7 +159,8 @@ def conv_transpose3d(
         Number of channel groups; must divide ``C_in``. ``groups == C_in`` is depthwise.
     out : array, optional
         A C-contiguous array of the result's shape (in ``layout``) and dtype to write into
-        (NumPy/CuPy only).
+        (NumPy/CuPy only), sharing no memory with ``x``, ``w`` or ``bias`` (checked for NumPy
+        arrays).
     precision : {"highest", "high", "medium"}, optional
         How float32 inputs are computed on the GPU. ``None`` (the default) takes the process
         default of :func:`cupyconvt.set_float32_matmul_precision`, itself ``"highest"``.
@@ -169,7 +184,8 @@ def conv_transpose3d(
         or ``layout`` not a str.
     ValueError
         Shapes or arguments that break PyTorch's rules, an unknown ``precision`` or ``layout``,
-        ``layout`` given with a torch tensor; the message names the argument.
+        ``layout`` given with a torch tensor, a NumPy ``out`` that overlaps an input; the
+        message names the argument.
 
     Notes
     -----
@@ -242,6 +258,10 @@ def conv_transpose3d(
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
     if kind == "numpy":
+        if out is not None:
+            _check_out_apart(
+                out, [("x", x), ("w", w), ("bias", bias)][: 3 if bias is not None else 2]
+            )
         if layout == "NCDHW":
             return _cpu.conv_transpose3d(x, w, bias, p, out)
         # The CPU backend reads and writes NCDHW views of the channels-last arrays.

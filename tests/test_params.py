@@ -116,6 +116,36 @@ def test_out_argument_checked():
         cupyconvt.conv_transpose3d(x, w, out=np.empty((1, 2, 4, 4, 8), np.float32)[..., ::2])
 
 
+def test_out_overlapping_an_input_is_refused(rng):
+    """Written while the inputs are read, an out sharing their memory would give a wrong answer:
+    refused, whichever input, whatever the view."""
+    x = rng.standard_normal((1, 4, 5, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 4, 1, 1, 1)).astype(np.float32)  # out has x's shape
+    with pytest.raises(ValueError, match=r"out overlaps x in memory"):
+        cupyconvt.conv_transpose3d(x, w, out=x)
+    buf = np.zeros(2 * x.size, np.float32)
+    xv = buf[: x.size].reshape(x.shape)
+    xv[...] = x
+    with pytest.raises(ValueError, match=r"out overlaps x"):  # half of out over x's tail
+        cupyconvt.conv_transpose3d(xv, w, out=buf[x.size // 2 :][: x.size].reshape(x.shape))
+    with pytest.raises(ValueError, match=r"out overlaps x"):  # x reversed: negative strides
+        cupyconvt.conv_transpose3d(xv[:, ::-1], w, out=xv)
+    wb = np.zeros(w.size + x.size, np.float32)
+    w_view = wb[: w.size].reshape(w.shape)
+    with pytest.raises(ValueError, match=r"out overlaps w"):  # out's first element is w's last
+        cupyconvt.conv_transpose3d(x, w_view, out=wb[w.size - 1 : -1].reshape(x.shape))
+    b = np.zeros(x.size + 4, np.float32)
+    with pytest.raises(ValueError, match=r"out overlaps bias"):
+        cupyconvt.conv_transpose3d(x, w, b[:4], out=b[3 : 3 + x.size].reshape(x.shape))
+    # Right beside the input, sharing no byte: fine, and the result is right.
+    out = buf[x.size :].reshape(x.shape)
+    got = cupyconvt.conv_transpose3d(xv, w, out=out)
+    assert got is out
+    ref = cupyconvt.conv_transpose3d(x, w)
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(xv, x)  # the input untouched
+
+
 def test_params_cache_keeps_bool_and_float_apart():
     x = np.ones((1, 3, 4, 4, 4), np.float32)
     w = np.ones((3, 2, 3, 3, 3), np.float32)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _cpu
 from ._dtypes import compute_dtype, dtype_name
 from ._params import ConvParams
 
@@ -74,8 +75,6 @@ def _blocks(
     added in order. (Tap by tap over the whole volume, grad_input took ``taps`` passes over its
     result and each window was copied once for each gradient.)
     """
-    from ._cpu import BLOCK_ELEMENTS, _Scratch
-
     G, cig, cog, N = p.groups, p.C_in_g, p.C_out_g, p.N
     D, H, W = p.in_size
     taps = p.kernel[0] * p.kernel[1] * p.kernel[2]
@@ -92,8 +91,8 @@ def _blocks(
         xr = _x_rows(x, p, acc).reshape(G, cig, N, D, H, W)
         gw = np.zeros((G, cig, taps * cog), dtype=acc)
     row = G * max(taps * cog, cig) * H * W  # elements of the buffers per (n, d) row
-    rows = max(1, BLOCK_ELEMENTS // row)
-    scratch = _Scratch(acc)
+    rows = max(1, _cpu.BLOCK_ELEMENTS // row)
+    scratch = _cpu._Scratch(acc)
     for n0 in range(N):
         for d0 in range(0, D, rows):
             d1 = min(d0 + rows, D)
